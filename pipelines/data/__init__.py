@@ -1,0 +1,1 @@
+"""sqlops data stages and helpers."""

@@ -1,0 +1,1 @@
+"""sqlops eval stages and helpers."""

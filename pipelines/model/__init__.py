@@ -1,0 +1,1 @@
+"""sqlops model stages and helpers."""

@@ -1,0 +1,35 @@
+"""The one prompt: built from (DDL, question) here and nowhere else.
+
+Training, evaluation, the registered MLflow model and the gateway all call `build_prompt`, so
+the model sees at inference exactly the text it was trained on. The layout follows the seed
+book's template (an instruction line, then `### DDL:`, `### Question:`, `### SQL:`), wrapped in
+the base model's chat template when it has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INSTRUCTION = (
+    "You are a Text2SQL assistant. Write one SQLite query that answers the question, "
+    "using only the tables and columns defined in the DDL."
+)
+TEMPLATE = "### DDL:\n{ddl}\n\n### Question:\n{question}\n\n### SQL:\n"
+
+
+def build_prompt(ddl: str, question: str, tokenizer: Any | None = None) -> str:
+    """The text a model continues with SQL (chat-formatted when the tokenizer has a template)."""
+    body = TEMPLATE.format(ddl=ddl.strip(), question=question.strip())
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": INSTRUCTION},
+            {"role": "user", "content": body.rstrip()},
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{INSTRUCTION}\n\n{body}"
+
+
+def build_completion(sql: str, tokenizer: Any | None = None) -> str:
+    """The training target after the prompt: the SQL, one `;`, then end of turn."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return f"{sql.strip().rstrip(';')};{eos}"

@@ -1,0 +1,1 @@
+"""sqlops monitoring stages and helpers."""

@@ -1,0 +1,1 @@
+"""sqlops release stages and helpers."""

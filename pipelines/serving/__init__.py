@@ -1,0 +1,1 @@
+"""sqlops serving stages and helpers."""

