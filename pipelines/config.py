@@ -32,6 +32,7 @@ class Paths(_Block):
     eval_metrics: Path  # metrics/eval.json (output contract)
     predictions: Path  # one JSON line per evaluated example and model
     train_metrics: Path  # final training figures (DVC metrics)
+    judge_cache: Path  # SQLite cache of judge verdicts (kept across runs, not a DVC output)
 
 
 class BaseModelConfig(_Block):
@@ -87,6 +88,10 @@ class JudgeConfig(_Block):
     max_concurrency: int  # parallel judge requests
     max_retries: int  # attempts per example before `judge_error`
     timeout_s: float  # per-request timeout
+    rpm_limit: int | None  # requests per minute (None = no limit)
+    tpm_limit: int | None  # tokens per minute (None = no limit)
+    price_per_1k_in: float  # USD per 1k prompt tokens, for cost accounting
+    price_per_1k_out: float  # USD per 1k completion tokens
 
 
 class EvaluateConfig(_Block):
@@ -134,15 +139,24 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     return Params.model_validate(raw)
 
 
-def setup_logging() -> None:
-    """Configure logging once, at an entry point (stage `main()`, CLI)."""
+def setup_entry_point() -> None:
+    """Configure logging and the tools' environment once, at an entry point (stage `main()`,
+    CLI). Keeps the libraries offline, quiet, and writing their state inside the repo."""
     logging.basicConfig(
         level=os.environ.get("SQLOPS_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Quiet, offline, and nothing written outside the repo by the libraries we use.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(ROOT / ".dvc" / "tmp" / "site-cache"),
+        "PREFECT_HOME": str(ROOT / ".prefect"),
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines",
+        # Ephemeral Prefect needs longer than its default 20 s to start on 2 cores.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }.items():
+        os.environ.setdefault(key, value)

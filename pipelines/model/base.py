@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.config import BaseModelConfig, load_params, setup_logging
+from pipelines.config import BaseModelConfig, load_params, setup_entry_point
 from pipelines.lineage import content_hash
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def load_base(base_dir: Path, adapter_dir: Path | None = None, merge: bool = Tru
 
 
 def main() -> None:
-    setup_logging()
+    setup_entry_point()
     p = load_params()
     run(p.base_model, p.path("base_model"))
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from pipelines.config import MlflowConfig, TrainConfig, load_params, setup_logging
+from pipelines.config import MlflowConfig, TrainConfig, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, dvc_hash, git_commit
 from pipelines.model.base import load_base
@@ -297,7 +297,7 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 
 def main() -> None:
-    setup_logging()
+    setup_entry_point()
     p = load_params()
     info = run(
         p.train,

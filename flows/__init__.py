@@ -1,0 +1,1 @@
+"""Prefect flows: tasks that wrap `pipelines` functions and DVC stages; no ML logic here."""

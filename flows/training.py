@@ -1,0 +1,55 @@
+"""The training flow: every DVC stage as its own Prefect task, then the release.
+
+DVC decides what is stale (`dvc repro --single-item <stage>` skips an up-to-date stage in about
+a second), Prefect shows the DAG, retries and schedules it. Run it with `sqlops flow training`
+(ephemeral Prefect) or serve it against `make ui`'s Prefect server.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+
+from pipelines.config import ROOT, load_params
+from pipelines.release.registry import release as release_model
+
+log = logging.getLogger(__name__)
+
+
+def dvc_stages(root: Path = ROOT) -> list[str]:
+    """Stage names in dvc.yaml order (the file lists them in dependency order)."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
+@task(task_run_name="dvc-{stage}", retries=1, retry_delay_seconds=10)
+def dvc_stage(stage: str, root: Path = ROOT) -> None:
+    logger = get_run_logger()
+    dvc = Path(sys.executable).with_name("dvc")
+    proc = subprocess.run(
+        [str(dvc), "repro", "--single-item", stage], cwd=root, capture_output=True, text=True
+    )
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc stage {stage} failed (exit {proc.returncode})")
+
+
+@task
+def release() -> dict:
+    r = release_model(load_params())
+    get_run_logger().info("version %d, champion v%s: %s", r.version, r.champion,
+                          "; ".join(r.decision.reasons))  # fmt: skip
+    return {"version": r.version, "champion": r.champion, "promoted": r.decision.promote}
+
+
+@flow(name="training", log_prints=True)
+def training(run_release: bool = True, root: Path = ROOT) -> dict | None:
+    for stage in dvc_stages(root):
+        dvc_stage(stage, root)
+    return release() if run_release else None

@@ -1,0 +1,203 @@
+"""The MLflow model registry side of a release: register, gate, promote, roll back.
+
+A model version is an `mlflow.pyfunc` model whose artifacts are the LoRA adapter; its config
+references the base model by path, id and weights hash, and its code is this package (so the
+version loads anywhere through `mlflow.pyfunc.load_model("models:/text2sql@champion")`).
+Aliases, not stages: `challenger` is the newest candidate, `champion` the one served. The
+registered model's `champion_history` tag lists past champions so `rollback` can go back.
+
+Called by `sqlops release|rollback` and by the Prefect release tasks; nothing here runs in DVC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipelines.config import ROOT, Params
+from pipelines.lineage import base_model_info, content_hash
+from pipelines.release.gate import Decision, should_promote
+from pipelines.tracking import configure_mlflow
+
+log = logging.getLogger(__name__)
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"
+
+
+class Text2SQLModel(mlflow.pyfunc.PythonModel):
+    """predict(DataFrame[question, ddl]) -> list of SQL strings."""
+
+    def load_context(self, context) -> None:
+        from pipelines.model.base import load_base
+
+        cfg = context.model_config
+        base_dir = Path(cfg["base_model_path"])
+        info = base_model_info(base_dir)
+        if info["weights_sha256"] != cfg["base_model_hash"]:
+            raise MlflowException(
+                f"base model at {base_dir} has weights {info['weights_sha256'][:12]}, "
+                f"this version was trained on {cfg['base_model_hash'][:12]}"
+            )
+        self.model, self.tok = load_base(base_dir, Path(context.artifacts["adapter"]))
+        self.batch_size, self.max_new_tokens = cfg["batch_size"], cfg["max_new_tokens"]
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        from pipelines.model.generate import generate_sql
+        from pipelines.model.prompt import build_prompt
+
+        prompts = [
+            build_prompt(ddl, q, self.tok)
+            for q, ddl in zip(model_input["question"], model_input["ddl"], strict=True)
+        ]
+        return generate_sql(self.model, self.tok, prompts, self.batch_size, self.max_new_tokens).sql
+
+
+@dataclass
+class ReleaseResult:
+    version: int
+    run_id: str
+    decision: Decision
+    champion: int | None  # champion version after the release
+    reused: bool  # the adapter was registered before; no new version was made
+
+
+def _flat_metrics(metrics: dict) -> dict[str, str]:
+    t = metrics["tuned"]
+    keys = ("execution_accuracy", "exact_match", "valid_sql_rate", "judge_accuracy")
+    return {f"eval_{k}": f"{t[k]:.4f}" for k in keys if t.get(k) is not None}
+
+
+def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
+    """Register the current adapter as a new version (or find the version that holds it)."""
+    adapter_dir = p.path("adapter")
+    train_info = json.loads((adapter_dir / "train_info.json").read_text())
+    metrics = json.loads(p.path("eval_metrics").read_text())
+    adapter_hash = content_hash(adapter_dir / "adapter_model.safetensors")
+    name = p.registry.model_name
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("adapter_hash") == adapter_hash:
+            log.info("adapter already registered as %s version %s", name, mv.version)
+            return int(mv.version), True
+
+    base = base_model_info(p.path("base_model"))
+    config = {
+        "base_model_path": str(p.path("base_model")),
+        "base_model_id": base["id"],
+        "base_model_hash": base["weights_sha256"],
+        "batch_size": p.evaluate.batch_size,
+        "max_new_tokens": p.evaluate.max_new_tokens,
+    }
+    example = pd.DataFrame({"question": ["How many players are there?"],
+                            "ddl": ["CREATE TABLE players (player_id INTEGER PRIMARY KEY);"]})  # fmt: skip
+    with mlflow.start_run(run_id=train_info["run_id"]):
+        info = mlflow.pyfunc.log_model(
+            name="text2sql",
+            python_model=Text2SQLModel(),
+            artifacts={"adapter": str(adapter_dir)},
+            model_config=config,
+            code_paths=[str(ROOT / "pipelines")],
+            signature=mlflow.models.infer_signature(example, ["SELECT COUNT(*) FROM players"]),
+            pip_requirements=[f"-r {ROOT / 'requirements.lock'}"],
+            registered_model_name=name,
+        )
+        mlflow.log_dict(metrics, "eval/eval.json")
+    version = int(info.registered_model_version)
+    tags = {
+        "git_commit": mlflow.get_run(train_info["run_id"]).data.tags.get("git_commit", "unknown"),
+        "data_hash": train_info["data_hash"],
+        "base_model": base["id"],
+        "base_model_hash": base["weights_sha256"],
+        "adapter_hash": adapter_hash,
+        "run_id": train_info["run_id"],
+        **_flat_metrics(metrics),
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    log.info("registered %s version %d from run %s", name, version, train_info["run_id"])
+    return version, False
+
+
+def version_metrics(client: MlflowClient, name: str, version: int) -> dict:
+    """The eval.json a version was registered with (from its run's artifacts)."""
+    mv = client.get_model_version(name, str(version))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="eval/eval.json", dst_path=tmp
+        )
+        return json.loads(Path(path).read_text())
+
+
+def current_version(client: MlflowClient, name: str, alias: str) -> int | None:
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _history(client: MlflowClient, name: str) -> list[int]:
+    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def set_champion(client: MlflowClient, name: str, version: int) -> None:
+    """Move the champion alias and record the move in the model's history tag."""
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    history = [v for v in _history(client, name) if v != version] + [version]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def release(p: Params) -> ReleaseResult:
+    """register → alias challenger → gate → alias champion (when the gate says so)."""
+    configure_mlflow(p.mlflow)
+    client = MlflowClient()
+    name = p.registry.model_name
+    version, reused = register(p, client)
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    challenger = version_metrics(client, name, version)
+    champion = current_version(client, name, CHAMPION)
+    if champion == version:
+        decision = Decision(False, [f"version {version} is already the champion"])
+    else:
+        champion_m = version_metrics(client, name, champion)["tuned"] if champion else None
+        decision = should_promote(
+            challenger["tuned"], champion_m, challenger["base"], p.registry.min_delta
+        )
+        if decision.promote:
+            set_champion(client, name, version)
+            champion = version
+    mv = client.get_model_version(name, str(version))
+    client.set_model_version_tag(name, str(version), "gate", "promote" if decision.promote else "keep")
+    with mlflow.start_run(run_id=mv.run_id):
+        mlflow.log_text(decision.markdown(), f"release/decision-v{version}.md")
+    log.info("gate for version %d: %s", version, "; ".join(decision.reasons))
+    return ReleaseResult(version, mv.run_id, decision, champion, reused)
+
+
+def rollback(p: Params, to: int | None = None) -> tuple[int | None, int]:
+    """Point `champion` at version `to`, or at the champion before the current one."""
+    configure_mlflow(p.mlflow)
+    client = MlflowClient()
+    name = p.registry.model_name
+    current = current_version(client, name, CHAMPION)
+    history = _history(client, name)
+    if to is None:
+        earlier = [v for v in history if v != current]
+        if not earlier:
+            raise ValueError(f"{name} has no earlier champion to roll back to (history {history})")
+        to = earlier[-1]
+    client.get_model_version(name, str(to))  # raises when the version does not exist
+    client.set_registered_model_alias(name, CHAMPION, str(to))
+    # The rolled-back version leaves the history so a second rollback goes further back.
+    kept = [v for v in history if v != current and v != to] + [to]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(kept))
+    if current is not None:
+        client.set_model_version_tag(name, str(current), "rolled_back_to", str(to))
+    log.info("champion of %s: version %s -> %s", name, current, to)
+    return current, to
