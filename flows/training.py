@@ -43,8 +43,9 @@ def dvc_stage(stage: str, root: Path = ROOT) -> None:
 @task
 def release() -> dict:
     r = release_model(load_params())
-    get_run_logger().info("version %d, champion v%s: %s", r.version, r.champion,
-                          "; ".join(r.decision.reasons))  # fmt: skip
+    get_run_logger().info(
+        "version %d, champion v%s: %s", r.version, r.champion, "; ".join(r.decision.reasons)
+    )
     return {"version": r.version, "champion": r.champion, "promoted": r.decision.promote}
 
 

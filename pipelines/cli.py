@@ -1,9 +1,9 @@
 """`sqlops` command line: the side-effecting steps that live outside `dvc repro`.
 
-    sqlops release               register the adapter, gate it, move `champion` if it wins
-    sqlops rollback [--to N]     point `champion` back at the previous (or a given) version
-    sqlops summary               base vs tuned figures, run id, versions, how to open the UIs
-    sqlops flow training         run the Prefect training flow (each DVC stage a task, then release)
+sqlops release               register the adapter, gate it, move `champion` if it wins
+sqlops rollback [--to N]     point `champion` back at the previous (or a given) version
+sqlops summary               base vs tuned figures, run id, versions, how to open the UIs
+sqlops flow training         run the Prefect training flow (each DVC stage a task, then release)
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
-
     from pipelines.release.registry import CHALLENGER, CHAMPION, current_version
     from pipelines.tracking import configure_mlflow, tracking_uri
 
@@ -68,11 +67,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for label, x, y in rows:
         print(f"  {label:<28}{pct(x):>8}{pct(y):>8}")
     print(f"  tuned execution accuracy 95% CI: [{pct(lo).strip()}, {pct(hi).strip()}]")
-    print(f"\nTraining: {train_info['steps']} steps in {train_info['seconds'] / 60:.1f} min, "
-          f"final loss {train_info['final_loss']:.3f}; MLflow run {train_info['run_id']}")  # fmt: skip
+    print(
+        f"\nTraining: {train_info['steps']} steps in {train_info['seconds'] / 60:.1f} min, "
+        f"final loss {train_info['final_loss']:.3f}; MLflow run {train_info['run_id']}"
+    )
     print(f"Registry: {name} champion v{champion}, challenger v{challenger}")
-    print(f"\nMLflow UI:  make ui  (or: mlflow ui --backend-store-uri {tracking_uri(p.mlflow)} "
-          "--host 127.0.0.1 --port 5000) -> http://127.0.0.1:5000")  # fmt: skip
+    print(
+        f"\nMLflow UI:  make ui  (or: mlflow ui --backend-store-uri {tracking_uri(p.mlflow)} "
+        "--host 127.0.0.1 --port 5000) -> http://127.0.0.1:5000"
+    )
     print("Prefect UI: make ui -> http://127.0.0.1:4200   (sqlops flow training runs the DAG)")
     return 0
 
@@ -87,8 +90,9 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_entry_point()
-    parser = argparse.ArgumentParser(prog="sqlops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="sqlops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("release", help="register, gate and promote the current adapter")
     rb = sub.add_parser("rollback", help="move the champion alias back")
@@ -97,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     fl = sub.add_parser("flow", help="run a Prefect flow")
     fl.add_argument("name", choices=["training"])
     args = parser.parse_args(argv)
-    handlers = {"release": cmd_release, "rollback": cmd_rollback, "summary": cmd_summary,
-                "flow": cmd_flow}  # fmt: skip
+    handlers = {
+        "release": cmd_release,
+        "rollback": cmd_rollback,
+        "summary": cmd_summary,
+        "flow": cmd_flow,
+    }
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, ValueError) as e:

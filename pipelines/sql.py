@@ -111,9 +111,7 @@ def connect_readonly(db_path: Path | str) -> sqlite3.Connection:
     return conn
 
 
-def execute(
-    db_path: Path | str, sql: str, timeout_s: float, max_rows: int = 10_000
-) -> ExecResult:
+def execute(db_path: Path | str, sql: str, timeout_s: float, max_rows: int = 10_000) -> ExecResult:
     """Run a guarded query read-only with a time limit and a row cap; never raises on bad SQL."""
     start = time.monotonic()
     try:
@@ -176,19 +174,26 @@ def results_match(
     if not ordered:
         gold, pred = sorted(gold, key=_sort_key), sorted(pred, key=_sort_key)
     for g, p in zip(gold, pred, strict=True):
-        if len(g) != len(p) or not all(_values_equal(a, b, tol) for a, b in zip(g, p)):
+        if len(g) != len(p) or not all(_values_equal(a, b, tol) for a, b in zip(g, p, strict=True)):
             return False
     return True
 
 
+def compact_ddl(statement: str) -> str:
+    """One CREATE TABLE on one line: indentation costs prompt tokens and tells the model nothing."""
+    text = " ".join(statement.split())
+    return text.replace("( ", "(").replace(" )", ")").rstrip(";")
+
+
 def ddl_of(db_path: Path | str) -> str:
-    """The CREATE TABLE statements of a database, in creation order (the prompt's DDL)."""
+    """The CREATE TABLE statements of a database, in creation order, one per line (the
+    prompt's DDL)."""
     with closing(connect_readonly(db_path)) as conn:
         rows = conn.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL "
             "AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
         ).fetchall()
-    return "\n".join(f"{r[0].strip()};" for r in rows)
+    return "\n".join(f"{compact_ddl(r[0])};" for r in rows)
 
 
 def schema_of(db_path: Path | str) -> dict[str, list[str]]:

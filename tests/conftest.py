@@ -37,27 +37,82 @@ GAME_ROWS = [
 ]
 SHOP_QA = [
     ("List every customer name.", "SELECT name FROM customers", "easy", "en"),
-    ("Which customers live in Seoul?", "SELECT name FROM customers WHERE city = 'Seoul'", "easy", "en"),
+    (
+        "Which customers live in Seoul?",
+        "SELECT name FROM customers WHERE city = 'Seoul'",
+        "easy",
+        "en",
+    ),
     ("How many orders are there?", "SELECT COUNT(*) FROM orders", "easy", "en"),
     ("What is the largest order amount?", "SELECT MAX(amount) FROM orders", "easy", "en"),
-    ("서울에 사는 고객은 몇 명이야?", "SELECT COUNT(*) FROM customers WHERE city = 'Seoul'", "easy", "ko"),
-    ("고객별 주문 수를 보여줘", "SELECT customer_id, COUNT(*) FROM orders GROUP BY customer_id", "medium", "ko"),
-    ("Total order amount per city?", "SELECT c.city, SUM(o.amount) FROM customers c JOIN orders o ON c.customer_id = o.customer_id GROUP BY c.city", "hard", "en"),
-    ("주문 금액이 가장 큰 주문 2개", "SELECT order_id FROM orders ORDER BY amount DESC LIMIT 2", "medium", "ko"),
-    ("Orders placed in February 2024?", "SELECT order_id FROM orders WHERE ordered_at BETWEEN '2024-02-01' AND '2024-02-29'", "medium", "en"),
-    ("평균 주문 금액보다 큰 주문", "SELECT order_id FROM orders WHERE amount > (SELECT AVG(amount) FROM orders)", "extra", "ko"),
+    (
+        "서울에 사는 고객은 몇 명이야?",
+        "SELECT COUNT(*) FROM customers WHERE city = 'Seoul'",
+        "easy",
+        "ko",
+    ),
+    (
+        "고객별 주문 수를 보여줘",
+        "SELECT customer_id, COUNT(*) FROM orders GROUP BY customer_id",
+        "medium",
+        "ko",
+    ),
+    (
+        "Total order amount per city?",
+        "SELECT c.city, SUM(o.amount) FROM customers c JOIN orders o ON c.customer_id = o.customer_id GROUP BY c.city",
+        "hard",
+        "en",
+    ),
+    (
+        "주문 금액이 가장 큰 주문 2개",
+        "SELECT order_id FROM orders ORDER BY amount DESC LIMIT 2",
+        "medium",
+        "ko",
+    ),
+    (
+        "Orders placed in February 2024?",
+        "SELECT order_id FROM orders WHERE ordered_at BETWEEN '2024-02-01' AND '2024-02-29'",
+        "medium",
+        "en",
+    ),
+    (
+        "평균 주문 금액보다 큰 주문",
+        "SELECT order_id FROM orders WHERE amount > (SELECT AVG(amount) FROM orders)",
+        "extra",
+        "ko",
+    ),
 ]
 GAME_QA = [
     ("List all player usernames.", "SELECT username FROM players", "easy", "en"),
     ("How many players are there?", "SELECT COUNT(*) FROM players", "easy", "en"),
     ("레벨이 5보다 높은 플레이어", "SELECT username FROM players WHERE level > 5", "easy", "ko"),
     ("What is the highest match score?", "SELECT MAX(score) FROM matches", "easy", "en"),
-    ("플레이어별 경기 수", "SELECT player_id, COUNT(*) FROM matches GROUP BY player_id", "medium", "ko"),
-    ("Top 2 players by level", "SELECT username FROM players ORDER BY level DESC LIMIT 2", "medium", "en"),
+    (
+        "플레이어별 경기 수",
+        "SELECT player_id, COUNT(*) FROM matches GROUP BY player_id",
+        "medium",
+        "ko",
+    ),
+    (
+        "Top 2 players by level",
+        "SELECT username FROM players ORDER BY level DESC LIMIT 2",
+        "medium",
+        "en",
+    ),
     ("평균 점수", "SELECT AVG(score) FROM matches", "easy", "ko"),
-    ("Usernames of players with a match score over 50", "SELECT DISTINCT p.username FROM players p JOIN matches m ON p.player_id = m.player_id WHERE m.score > 50", "hard", "en"),
+    (
+        "Usernames of players with a match score over 50",
+        "SELECT DISTINCT p.username FROM players p JOIN matches m ON p.player_id = m.player_id WHERE m.score > 50",
+        "hard",
+        "en",
+    ),
     ("전체 경기 점수 합계", "SELECT SUM(score) FROM matches", "easy", "ko"),
-    ("Players who never played a match", "SELECT username FROM players WHERE player_id NOT IN (SELECT player_id FROM matches)", "extra", "en"),
+    (
+        "Players who never played a match",
+        "SELECT username FROM players WHERE player_id NOT IN (SELECT player_id FROM matches)",
+        "extra",
+        "en",
+    ),
 ]
 
 
@@ -85,9 +140,18 @@ def prepared_dir(tmp_path: Path) -> Path:
         write_jsonl(
             out / f"{split}.jsonl",
             (
-                {"id": f"{db_id}-{i}", "db_id": db_id, "domain": db_id, "lang": lang,
-                 "question": q, "sql": sql, "ddl": ddl_of(dbs[db_id]), "difficulty": diff,
-                 "source": "fixture", "split": split}  # fmt: skip
+                {
+                    "id": f"{db_id}-{i}",
+                    "db_id": db_id,
+                    "domain": db_id,
+                    "lang": lang,
+                    "question": q,
+                    "sql": sql,
+                    "ddl": ddl_of(dbs[db_id]),
+                    "difficulty": diff,
+                    "source": "fixture",
+                    "split": split,
+                }
                 for i, (q, sql, diff, lang) in enumerate(qa)
             ),
         )
@@ -105,11 +169,18 @@ def tiny_base_dir(tmp_path_factory) -> Path:
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     (out / "base_info.json").write_text(

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pandas as pd
 import pytest
 
+import mlflow
 from pipelines.config import EvaluateConfig, TrainConfig, load_params
 from pipelines.data.records import read_jsonl
 from pipelines.eval import evaluate
@@ -20,56 +20,87 @@ from pipelines.release import registry
 
 pytestmark = pytest.mark.slow
 TRAIN = TrainConfig(
-    lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", learning_rate=1e-3,
-    weight_decay=0.0, warmup_ratio=0.1, batch_size=4, grad_accum=1, max_steps=2,
-    max_length=512, precision="fp32", log_every=1, checkpoint_every=100,
-)  # fmt: skip
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    target_modules="all-linear",
+    learning_rate=1e-3,
+    weight_decay=0.0,
+    warmup_ratio=0.1,
+    batch_size=4,
+    grad_accum=1,
+    max_steps=2,
+    max_length=512,
+    precision="fp32",
+    log_every=1,
+    checkpoint_every=100,
+)
 
 
 def _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, name="adapter"):
     p = load_params()
     paths = p.paths.model_copy(
         update={
-            "base_model": tiny_base_dir, "prepared": prepared_dir,
-            "adapter": tmp_path / name, "checkpoints": tmp_path / "ckpt",
+            "base_model": tiny_base_dir,
+            "prepared": prepared_dir,
+            "adapter": tmp_path / name,
+            "checkpoints": tmp_path / "ckpt",
             "eval_metrics": tmp_path / f"{name}-eval.json",
             "predictions": tmp_path / "predictions.jsonl",
             "judge_cache": tmp_path / "judge.sqlite",
         }
-    )  # fmt: skip
+    )
     evaluate_cfg = p.evaluate.model_copy(update={"max_new_tokens": 8, "batch_size": 4})
     return p.model_copy(update={"paths": paths, "mlflow": mlflow_cfg, "evaluate": evaluate_cfg})
 
 
 def _train(p, seed=0):
-    return train.run(TRAIN, seed, p.path("base_model"), p.path("prepared"), p.path("adapter"),
-                     p.path("checkpoints"), p.mlflow)  # fmt: skip
+    return train.run(
+        TRAIN,
+        seed,
+        p.path("base_model"),
+        p.path("prepared"),
+        p.path("adapter"),
+        p.path("checkpoints"),
+        p.mlflow,
+    )
 
 
 def _fake_eval(p, base_ex, tuned_ex):
-    m = lambda ex: {"execution_accuracy": ex, "exact_match": 0.0, "valid_sql_rate": 1.0,  # noqa: E731
-                    "judge_accuracy": None}  # fmt: skip
+    def m(ex):
+        return {
+            "execution_accuracy": ex,
+            "exact_match": 0.0,
+            "valid_sql_rate": 1.0,
+            "judge_accuracy": None,
+        }
+
     p.path("eval_metrics").write_text(
         json.dumps({"n_examples": 10, "base": m(base_ex), "tuned": m(tuned_ex)})
     )
 
 
-def test_evaluate_writes_the_output_contract(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg,
-                                             monkeypatch):  # fmt: skip
+def test_evaluate_writes_the_output_contract(
+    tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch
+):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
     info = _train(p)
     cfg: EvaluateConfig = p.evaluate
-    metrics, rows = evaluate.run(cfg, 0, tiny_base_dir, p.path("adapter"), prepared_dir,
-                                 p.path("judge_cache"))  # fmt: skip
+    metrics, rows = evaluate.run(
+        cfg, 0, tiny_base_dir, p.path("adapter"), prepared_dir, p.path("judge_cache")
+    )
     assert metrics["n_examples"] == 10 and len(rows) == 20
-    assert metrics["judge"] == {"status": "skipped", "model": cfg.judge.model, "calls": 0,
-                                "cost_usd": 0.0} or metrics["judge"]["status"] == "skipped"  # fmt: skip
+    assert metrics["judge"]["status"] == "skipped" and metrics["judge"]["calls"] == 0
     for name in ("base", "tuned"):
         m = metrics[name]
-        for key in ("execution_accuracy", "execution_accuracy_nonempty", "exact_match",
-                    "valid_sql_rate"):  # fmt: skip
+        for key in (
+            "execution_accuracy",
+            "execution_accuracy_nonempty",
+            "exact_match",
+            "valid_sql_rate",
+        ):
             assert 0.0 <= m[key] <= 1.0
         assert m["by_domain"]["game"]["n"] == 10 and m["judge_accuracy"] is None
         assert set(m["by_difficulty"]) <= {"easy", "medium", "hard", "extra"}
@@ -94,8 +125,9 @@ def test_gold_queries_score_perfectly(tiny_base_dir, prepared_dir):
         assert row["valid"] and row["execution_match"] and row["exact_match"], r
 
 
-def test_release_gate_promotion_rollback_and_reload(tmp_path, tiny_base_dir, prepared_dir,
-                                                    mlflow_cfg):  # fmt: skip
+def test_release_gate_promotion_rollback_and_reload(
+    tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg
+):
     p1 = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, "a1")
     _train(p1, seed=0)
     _fake_eval(p1, base_ex=0.1, tuned_ex=0.5)
@@ -130,8 +162,11 @@ def test_release_gate_promotion_rollback_and_reload(tmp_path, tiny_base_dir, pre
     # The champion loads through the standard MLflow API and reproduces direct generation.
     records = read_jsonl(prepared_dir / "eval.jsonl")[:3]
     loaded = mlflow.pyfunc.load_model("models:/text2sql@champion")
-    got = loaded.predict(pd.DataFrame({"question": [r["question"] for r in records],
-                                       "ddl": [r["ddl"] for r in records]}))  # fmt: skip
+    got = loaded.predict(
+        pd.DataFrame(
+            {"question": [r["question"] for r in records], "ddl": [r["ddl"] for r in records]}
+        )
+    )
     model, tok = load_base(tiny_base_dir, p3.path("adapter"))
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
     assert list(got) == generate_sql(model, tok, prompts, 4, 8).sql

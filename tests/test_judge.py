@@ -57,8 +57,9 @@ def test_prompt_carries_instruction_and_all_four_parts():
     assert positions == sorted(positions)
 
 
-@pytest.mark.parametrize("content, verdict", [('{"resolve_yn": "yes"}', True),
-                                              ('{"resolve_yn": " No"}', False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, verdict", [('{"resolve_yn": "yes"}', True), ('{"resolve_yn": " No"}', False)]
+)
 def test_parse_verdict(content, verdict):
     assert parse_verdict(content) is verdict
 
@@ -90,8 +91,9 @@ def test_verdicts_cost_and_cache(fake, tmp_path):
     assert report.calls == 20 and report.prompt_tokens > 0 and report.completion_tokens > 0
     want = (report.prompt_tokens * 10.0 + report.completion_tokens * 30.0) / 1000
     assert report.cost_usd == pytest.approx(want)
-    assert {(p["model"], p["temperature"], p["response_format"]["type"])
-            for p in fake.request_params} == {("fake-judge", 0, "json_object")}  # fmt: skip
+    assert {
+        (p["model"], p["temperature"], p["response_format"]["type"]) for p in fake.request_params
+    } == {("fake-judge", 0, "json_object")}
 
     again = judge(items, PRICED, cache, **FAST)
     assert again.calls == 0 and again.cost_usd == 0.0 and again.cached == 20
@@ -110,10 +112,14 @@ def test_client_passed_in(fake, tmp_path):
 
 @pytest.mark.parametrize(
     "faults",
-    [Faults(rate_429=0.5), Faults(rate_500=0.5), Faults(rate_malformed=0.5),
-     Faults(rate_slow=0.3, slow_s=1.0)],
+    [
+        Faults(rate_429=0.5),
+        Faults(rate_500=0.5),
+        Faults(rate_malformed=0.5),
+        Faults(rate_slow=0.3, slow_s=1.0),
+    ],
     ids=["429", "500", "malformed", "timeout"],
-)  # fmt: skip
+)
 def test_each_fault_recovers(faults, tmp_path, monkeypatch):
     items = make_items(12)
     cfg = CFG.model_copy(update={"timeout_s": 0.4, "max_retries": 10})
@@ -181,8 +187,11 @@ def test_token_bucket_throttles_after_the_burst():
 
 def test_rpm_limit_paces_requests(fake, tmp_path):
     t0 = time.monotonic()
-    report = judge(make_items(8), CFG.model_copy(update={"rpm_limit": 240, "tpm_limit": 10**6}),
-                   tmp_path / "c.sqlite")
+    report = judge(
+        make_items(8),
+        CFG.model_copy(update={"rpm_limit": 240, "tpm_limit": 10**6}),
+        tmp_path / "c.sqlite",
+    )
     assert report.status == "ok" and report.calls == 8
     assert time.monotonic() - t0 < 5  # within the burst allowance: no pause
 
@@ -192,7 +201,9 @@ def test_thousand_items_with_twenty_percent_faults(tmp_path, monkeypatch):
     """The issue's load test: every example judged once, correctly, and nothing re-paid."""
     faults = Faults(rate_429=0.06, rate_500=0.06, rate_malformed=0.06, rate_slow=0.02, slow_s=2.0)
     items = make_items(1000)
-    cfg = JudgeConfig(model="fake-judge", max_concurrency=16, max_retries=8, timeout_s=1.0, **LIMITS)
+    cfg = JudgeConfig(
+        model="fake-judge", max_concurrency=16, max_retries=8, timeout_s=1.0, **LIMITS
+    )
     with FakeOpenAI(faults) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", SECRET)

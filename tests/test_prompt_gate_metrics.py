@@ -57,8 +57,13 @@ def test_score_example():
     row = metrics.score_example(
         "SELECT a FROM t", gold, "select a from t", ExecResult(rows=[(2,), (1,)]), 1e-6
     )  # noqa: E501
-    assert row == {"valid": True, "execution_match": True, "exact_match": True,
-                   "gold_nonempty": True, "error": None}  # fmt: skip
+    assert row == {
+        "valid": True,
+        "execution_match": True,
+        "exact_match": True,
+        "gold_nonempty": True,
+        "error": None,
+    }
     bad = metrics.score_example("SELECT a FROM t", gold, "x", ExecResult(error="rejected"), 1e-6)
     assert not bad["valid"] and not bad["execution_match"]
 
@@ -66,7 +71,7 @@ def test_score_example():
 def test_bootstrap_ci_brackets_the_mean():
     values = [True] * 30 + [False] * 70
     lo, hi = metrics.bootstrap_ci(values, 500, seed=0)
-    assert lo < 0.3 < hi and 0.15 < lo and hi < 0.45
+    assert lo < 0.3 < hi and lo > 0.15 and hi < 0.45
     assert metrics.bootstrap_ci([], 10, 0) == [0.0, 0.0]
 
 
@@ -78,11 +83,27 @@ def test_cohen_kappa():
 
 def test_summarize_shape():
     rows = [
-        {"execution_match": True, "exact_match": False, "valid": True, "gold_nonempty": True,
-         "domain": "game", "difficulty": "easy", "lang": "en", "judge": True},
-        {"execution_match": False, "exact_match": False, "valid": False, "gold_nonempty": False,
-         "domain": "game", "difficulty": "hard", "lang": "ko", "judge": None},
-    ]  # fmt: skip
+        {
+            "execution_match": True,
+            "exact_match": False,
+            "valid": True,
+            "gold_nonempty": True,
+            "domain": "game",
+            "difficulty": "easy",
+            "lang": "en",
+            "judge": True,
+        },
+        {
+            "execution_match": False,
+            "exact_match": False,
+            "valid": False,
+            "gold_nonempty": False,
+            "domain": "game",
+            "difficulty": "hard",
+            "lang": "ko",
+            "judge": None,
+        },
+    ]
     s = metrics.summarize(rows, 100, 0, tokens_per_s=12.0)
     assert s["execution_accuracy"] == 0.5 and s["execution_accuracy_nonempty"] == 1.0
     assert s["valid_sql_rate"] == 0.5 and s["judge_accuracy"] == 1.0

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
 import torch
 
+import mlflow
 from pipelines.config import TrainConfig
 from pipelines.model import train
 from pipelines.model.base import load_base
 
 CFG = dict(
-    lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", learning_rate=1e-3,
-    weight_decay=0.0, warmup_ratio=0.1, batch_size=4, grad_accum=1, max_steps=4,
-    max_length=512, precision="fp32", log_every=1, checkpoint_every=2,
-)  # fmt: skip
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    target_modules="all-linear",
+    learning_rate=1e-3,
+    weight_decay=0.0,
+    warmup_ratio=0.1,
+    batch_size=4,
+    grad_accum=1,
+    max_steps=4,
+    max_length=512,
+    precision="fp32",
+    log_every=1,
+    checkpoint_every=2,
+)
 
 
 def _run(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, **overrides):
@@ -30,27 +41,50 @@ def test_collate_masks_the_prompt():
     batch = train.collate([train.Example([5, 6, 7, 8], 3), train.Example([9, 10], 1)], pad_id=0)
     assert batch["labels"].tolist() == [[-100, -100, -100, 8], [-100, 10, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert int(batch["prefix_len"]) == 0
 
 
-def test_sql_position_loss_equals_full_logits_loss(tiny_base_dir, prepared_dir):
+def test_shared_prefix_stops_before_the_last_prompt_token():
+    a, b = train.Example([1, 2, 3, 4, 9], 4), train.Example([1, 2, 3, 5, 6, 7], 5)
+    assert train.shared_prefix_len([a, b]) == 3
+    assert train.shared_prefix_len([a, train.Example([1, 2, 3, 4, 8], 4)]) == 3  # not 4
+    assert train.shared_prefix_len([a, train.Example([7, 2], 1)]) == 0
+
+
+def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
+    """Shared-prefix + SQL-position loss is exact: same value and same LoRA gradients as
+    transformers' own loss over full sequences."""
+    from peft import LoraConfig, get_peft_model
+
     from pipelines.data.records import read_jsonl
 
     model, tok = load_base(tiny_base_dir)
-    examples, _ = train.tokenize(read_jsonl(prepared_dir / "train.jsonl"), tok, 512)
-    batch = train.collate(examples[:4], tok.pad_token_id)
+    model = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    examples, _, _ = train.tokenize(read_jsonl(prepared_dir / "train.jsonl"), tok, 512)
+    batch = train.collate(examples[:4], tok.pad_token_id)  # one database: a long shared prefix
+    assert int(batch["prefix_len"]) > 50
     fast, n = train.completion_loss(model, batch)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    reference = model(**plain).loss  # transformers' own shifted loss over the same labels
+    reference.backward()
+    ref_grads = [p.grad for p in model.parameters() if p.requires_grad]
     full, _ = train.completion_loss(model, batch, full_logits=True)
-    reference = model(**batch).loss  # transformers' own shifted loss over the same labels
     assert n > 0
-    assert torch.allclose(fast, full, atol=1e-5) and torch.allclose(fast, reference, atol=1e-4)
+    assert torch.allclose(fast, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, ref_grads, strict=True))
 
 
-def test_batch_schedule_is_deterministic_and_length_grouped():
-    lengths = [10, 200, 11, 198, 12, 199, 13, 201]
-    a = train.batch_schedule(lengths, 4, 6, seed=1)
-    assert a == train.batch_schedule(lengths, 4, 6, seed=1)
+def test_batch_schedule_is_deterministic_and_one_database_per_batch():
+    groups = ["shop", "game", "shop", "game", "shop", "game", "shop", "game"]
+    a = train.batch_schedule(groups, 4, 6, seed=1)
+    assert a == train.batch_schedule(groups, 4, 6, seed=1)
     assert len(a) == 6 and all(len(b) == 4 for b in a)
-    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 10 for b in a)
+    assert all(len({groups[i] for i in b}) == 1 for b in a)
 
 
 @pytest.mark.slow
@@ -69,7 +103,9 @@ def test_train_writes_adapter_and_tracks_run(tmp_path, tiny_base_dir, prepared_d
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch):
+def test_interrupted_training_resumes(
+    tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch
+):
     reference = _run(tmp_path / "ref", tiny_base_dir, prepared_dir, mlflow_cfg)
     ref_losses = json.loads((tmp_path / "ref" / "adapter" / "train_info.json").read_text())
 

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # id, db_id, domain, lang, question, sql, ddl, difficulty, source, split (DESIGN.md)
-FIELDS = ("id", "db_id", "domain", "lang", "question", "sql", "ddl", "difficulty", "source", "split")
+FIELDS = (
+    "id", "db_id", "domain", "lang", "question", "sql", "ddl", "difficulty", "source", "split",
+)
 DIFFICULTIES = ("easy", "medium", "hard", "extra")
 
 

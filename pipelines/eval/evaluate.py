@@ -16,11 +16,11 @@ import logging
 import random
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
+import mlflow
 from pipelines import sql as sqlmod
-from pipelines.config import EvaluateConfig, MlflowConfig, load_params, setup_entry_point
+from pipelines.config import EvaluateConfig, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl, write_jsonl
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
 from pipelines.eval.metrics import score_example, summarize
@@ -41,9 +41,13 @@ def sample_eval(records: list[dict], max_examples: int, seed: int) -> list[dict]
 
 
 def evaluate_model(
-    model, tok, records: list[dict], gold: list[sqlmod.ExecResult], db_dir: Path,
+    model,
+    tok,
+    records: list[dict],
+    gold: list[sqlmod.ExecResult],
+    db_dir: Path,
     cfg: EvaluateConfig,
-) -> tuple[list[dict], float]:  # fmt: skip
+) -> tuple[list[dict], float]:
     """Scored prediction rows for one model, and its generation speed (tokens/s)."""
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
     gen = generate_sql(model, tok, prompts, cfg.batch_size, cfg.max_new_tokens)
@@ -52,21 +56,34 @@ def evaluate_model(
         pred = sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", pred_sql, cfg.sql_timeout_s)
         rows.append(
             {
-                "id": r["id"], "db_id": r["db_id"], "domain": r["domain"], "lang": r["lang"],
-                "difficulty": r["difficulty"], "question": r["question"], "gold_sql": r["sql"],
-                "pred_sql": pred_sql, "raw_output": text,
+                "id": r["id"],
+                "db_id": r["db_id"],
+                "domain": r["domain"],
+                "lang": r["lang"],
+                "difficulty": r["difficulty"],
+                "question": r["question"],
+                "gold_sql": r["sql"],
+                "pred_sql": pred_sql,
+                "raw_output": text,
                 **score_example(r["sql"], g, pred_sql, pred, cfg.float_tolerance),
             }
-        )  # fmt: skip
+        )
     return rows, gen.tokens_per_s
 
 
-def apply_judge(rows: list[dict], records: list[dict], cfg: EvaluateConfig, cache: Path) -> JudgeReport:
+def apply_judge(
+    rows: list[dict], records: list[dict], cfg: EvaluateConfig, cache: Path
+) -> JudgeReport:
     """Adds `judge` (True/False/None) to each row; the report says whether it ran."""
     ddl = {r["id"]: r["ddl"] for r in records}
     items = [
-        JudgeItem(f"{row['model']}:{row['id']}", ddl[row["id"]], row["question"],
-                  row["gold_sql"], row["pred_sql"])  # fmt: skip
+        JudgeItem(
+            f"{row['model']}:{row['id']}",
+            ddl[row["id"]],
+            row["question"],
+            row["gold_sql"],
+            row["pred_sql"],
+        )
         for row in rows
     ]
     report = judge(items, cfg.judge, cache)
@@ -88,8 +105,10 @@ def run(
     """(metrics in the eval.json shape, prediction rows of both models)."""
     records = sample_eval(read_jsonl(prepared_dir / "eval.jsonl"), cfg.max_examples, seed)
     db_dir = prepared_dir / "databases"
-    gold = [sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", r["sql"], cfg.sql_timeout_s)
-            for r in records]  # fmt: skip
+    gold = [
+        sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", r["sql"], cfg.sql_timeout_s)
+        for r in records
+    ]
     broken = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
     if broken:
         raise ValueError(f"gold SQL fails to execute for {len(broken)} examples, e.g. {broken[:5]}")
@@ -103,8 +122,13 @@ def run(
     report = apply_judge(all_rows, records, cfg, judge_cache)
     metrics = {
         "n_examples": len(records),
-        "judge": {"status": report.status, "model": report.model, "calls": report.calls,
-                  "cost_usd": report.cost_usd, "errors": len(report.errors)},  # fmt: skip
+        "judge": {
+            "status": report.status,
+            "model": report.model,
+            "calls": report.calls,
+            "cost_usd": report.cost_usd,
+            "errors": len(report.errors),
+        },
     }
     for name in ("base", "tuned"):
         rows = [r for r in all_rows if r["model"] == name]
@@ -118,15 +142,33 @@ def log_to_mlflow(run_id: str, metrics: dict, rows: list[dict], metrics_path: Pa
         flat = {"eval_n_examples": metrics["n_examples"]}
         for name in ("base", "tuned"):
             m = metrics[name]
-            for key in ("execution_accuracy", "execution_accuracy_nonempty", "exact_match",
-                        "valid_sql_rate", "judge_accuracy", "judge_execution_kappa",
-                        "generation_tokens_per_s"):  # fmt: skip
+            for key in (
+                "execution_accuracy",
+                "execution_accuracy_nonempty",
+                "exact_match",
+                "valid_sql_rate",
+                "judge_accuracy",
+                "judge_execution_kappa",
+                "generation_tokens_per_s",
+            ):
                 if m[key] is not None:
                     flat[f"{name}_{key}"] = m[key]
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(metrics_path), artifact_path="eval")
-        columns = ["model", "id", "domain", "lang", "difficulty", "question", "gold_sql",
-                   "pred_sql", "valid", "execution_match", "exact_match", "judge"]  # fmt: skip
+        columns = [
+            "model",
+            "id",
+            "domain",
+            "lang",
+            "difficulty",
+            "question",
+            "gold_sql",
+            "pred_sql",
+            "valid",
+            "execution_match",
+            "exact_match",
+            "judge",
+        ]
         mlflow.log_table(pd.DataFrame(rows)[columns], artifact_file="eval/predictions.json")
 
 
@@ -147,9 +189,11 @@ def main() -> None:
     b, t = metrics["base"], metrics["tuned"]
     log.info(
         "execution accuracy on %d held-out examples: base %.1f%% -> tuned %.1f%% (judge: %s)",
-        metrics["n_examples"], 100 * b["execution_accuracy"], 100 * t["execution_accuracy"],
+        metrics["n_examples"],
+        100 * b["execution_accuracy"],
+        100 * t["execution_accuracy"],
         metrics["judge"]["status"],
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

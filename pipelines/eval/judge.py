@@ -174,9 +174,17 @@ class _Judging:
     """One run's shared state: client, limits, cache and counters."""
 
     def __init__(
-        self, client: Any, cfg: JudgeConfig, cache: VerdictCache, *, rpm_limit: float | None,
-        tpm_limit: float | None, backoff_base_s: float, backoff_max_s: float, api_key: str | None,
-    ):  # fmt: skip
+        self,
+        client: Any,
+        cfg: JudgeConfig,
+        cache: VerdictCache,
+        *,
+        rpm_limit: float | None,
+        tpm_limit: float | None,
+        backoff_base_s: float,
+        backoff_max_s: float,
+        api_key: str | None,
+    ):
         self.client, self.cfg, self.cache = client, cfg, cache
         self.sem = asyncio.Semaphore(max(1, cfg.max_concurrency))
         self.rpm = TokenBucket(rpm_limit) if rpm_limit else None
@@ -287,9 +295,15 @@ async def judge_async(
     )
     api_key = getattr(client, "api_key", None)
     run = _Judging(
-        client, cfg, cache, rpm_limit=cfg.rpm_limit, tpm_limit=cfg.tpm_limit, backoff_base_s=backoff_base_s,
-        backoff_max_s=backoff_max_s, api_key=api_key if isinstance(api_key, str) else None,
-    )  # fmt: skip
+        client,
+        cfg,
+        cache,
+        rpm_limit=cfg.rpm_limit,
+        tpm_limit=cfg.tpm_limit,
+        backoff_base_s=backoff_base_s,
+        backoff_max_s=backoff_max_s,
+        api_key=api_key if isinstance(api_key, str) else None,
+    )
 
     async def one(key: str, prompt: str) -> None:
         results[key] = await run.verdict(prompt)

@@ -64,9 +64,7 @@ def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
     groups: dict[str, list[bool]] = defaultdict(list)
     for r in rows:
         groups[str(r[key])].append(r["execution_match"])
-    return {
-        k: {"execution_accuracy": _mean(v), "n": len(v)} for k, v in sorted(groups.items())
-    }
+    return {k: {"execution_accuracy": _mean(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 def summarize(rows: list[dict], bootstrap_samples: int, seed: int, tokens_per_s: float) -> dict:

@@ -50,9 +50,7 @@ def load_source(cfg: BaseModelConfig) -> tuple[torch.nn.Module, object, str]:
         gguf = smollm2_gguf_path()
         kwargs = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, dtype=torch.float32, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         # Dequantised weights are plain tensors now; without this save_pretrained refuses.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

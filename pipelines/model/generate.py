@@ -30,7 +30,9 @@ class Generation:
 
 
 @torch.inference_mode()
-def generate_sql(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int) -> Generation:
+def generate_sql(
+    model, tok, prompts: list[str], batch_size: int, max_new_tokens: int
+) -> Generation:
     tok.padding_side = "left"
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -38,8 +40,9 @@ def generate_sql(model, tok, prompts: list[str], batch_size: int, max_new_tokens
     new_tokens, start = 0, time.monotonic()
     for b in range(0, len(order), batch_size):
         idxs = order[b : b + batch_size]
-        enc = tok([prompts[i] for i in idxs], return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(model.device)  # fmt: skip
+        enc = tok(
+            [prompts[i] for i in idxs], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -56,6 +59,10 @@ def generate_sql(model, tok, prompts: list[str], batch_size: int, max_new_tokens
     result = Generation(texts, [extract_sql(t) for t in texts], new_tokens, seconds)
     log.info(
         "generated %d prompts, %d tokens in %.1f s (%.0f tok/s, transformers batch %d)",
-        len(prompts), new_tokens, seconds, result.tokens_per_s, batch_size,
-    )  # fmt: skip
+        len(prompts),
+        new_tokens,
+        seconds,
+        result.tokens_per_s,
+        batch_size,
+    )
     return result

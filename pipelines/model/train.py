@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+import mlflow
 from pipelines.config import MlflowConfig, TrainConfig, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, dvc_hash, git_commit
@@ -43,9 +43,10 @@ class Example:
     n_prompt: int  # tokens before the SQL; they get no loss
 
 
-def tokenize(records: list[dict], tok, max_length: int) -> tuple[list[Example], int]:
-    """Prompt + completion token ids per record; records over `max_length` are dropped."""
-    examples, dropped = [], 0
+def tokenize(records: list[dict], tok, max_length: int) -> tuple[list[Example], int, list[dict]]:
+    """Prompt + completion token ids per record; records over `max_length` are dropped.
+    Returns (examples, number dropped, the records kept, aligned with the examples)."""
+    examples, kept, dropped = [], [], 0
     for r in records:
         prompt = tok(build_prompt(r["ddl"], r["question"], tok), add_special_tokens=False)
         target = tok(build_completion(r["sql"], tok), add_special_tokens=False)
@@ -54,26 +55,42 @@ def tokenize(records: list[dict], tok, max_length: int) -> tuple[list[Example], 
             dropped += 1
             continue
         examples.append(Example(ids, len(prompt.input_ids)))
-    return examples, dropped
+        kept.append(r)
+    return examples, dropped, kept
 
 
-def batch_schedule(lengths: list[int], batch_size: int, n_batches: int, seed: int) -> list[list[int]]:
-    """`n_batches` index lists: shuffled each epoch, grouped by length within windows of 32
-    batches so padding stays small, then the batches shuffled again. Deterministic for a seed,
+def batch_schedule(
+    groups: list[str], batch_size: int, n_batches: int, seed: int
+) -> list[list[int]]:
+    """`n_batches` index lists, each drawn from one group (one database, so one DDL): the
+    examples of a batch then share their whole system + DDL prefix, which `completion_loss`
+    runs once. Shuffled within groups and across batches each epoch; deterministic for a seed,
     so a resumed run sees the same batches as an uninterrupted one."""
     rng = random.Random(seed)
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
     schedule: list[list[int]] = []
     while len(schedule) < n_batches:
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        window = batch_size * 32
         epoch = []
-        for w in range(0, len(order), window):
-            chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
-            epoch += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+        for g in sorted(by_group):
+            idxs = by_group[g][:]
+            rng.shuffle(idxs)
+            epoch += [idxs[b : b + batch_size] for b in range(0, len(idxs), batch_size)]
         rng.shuffle(epoch)
         schedule += epoch
     return schedule[:n_batches]
+
+
+def shared_prefix_len(examples: list[Example]) -> int:
+    """Tokens every example starts with, stopping before the last prompt token (whose hidden
+    state predicts the first SQL token and so must be computed per example)."""
+    limit = min(e.n_prompt for e in examples) - 1
+    first = examples[0].input_ids
+    n = 0
+    while n < limit and all(e.input_ids[n] == first[n] for e in examples):
+        n += 1
+    return n
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -86,19 +103,33 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
         labels[i, e.n_prompt : n] = ids[i, e.n_prompt : n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    prefix = torch.tensor(shared_prefix_len(examples) if len(examples) > 1 else 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prefix_len": prefix}
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor], full_logits: bool = False):
-    """Mean cross-entropy over the SQL tokens. With `full_logits` the head runs at every
-    position, as a plain `model(labels=...)` would (the baseline `make bench` compares to)."""
+    """Mean cross-entropy over the SQL tokens, and their count.
+
+    The fast path runs the batch's shared prefix (system line + DDL, ~75% of the tokens) once
+    and reuses its key/value cache for every example, then applies the LM head only at SQL
+    positions. With `full_logits` every example runs in full and the head runs at every
+    position, as a plain `model(labels=...)` does (the baseline `make bench` compares to)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    targets = batch["labels"][:, 1:]
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prefix = 0 if full_logits else int(batch.get("prefix_len", 0))
+    if prefix:
+        shared = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+        shared.batch_repeat_interleave(ids.shape[0])
+        hidden = decoder(
+            input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=shared
+        ).last_hidden_state
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    # hidden[:, j] is position prefix + j and predicts the token after it.
+    targets = labels[:, prefix + 1 :]
+    hidden = hidden[:, :-1]
     keep = targets != IGNORE
-    hidden = base.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state[:, :-1]
-    head = base.get_output_embeddings()
     if full_logits:
         logits = head(hidden).float()
         return F.cross_entropy(logits[keep], targets[keep]), int(keep.sum())
@@ -106,15 +137,25 @@ def completion_loss(model, batch: dict[str, torch.Tensor], full_logits: bool = F
     return F.cross_entropy(logits, targets[keep]), int(keep.sum())
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX). Without them bf16 autocast on CPU falls back
+    to a path that was >20x slower than fp32 on this project's AVX2-only machines."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_device(precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """CUDA when present; bf16 autocast unless fp32 is asked for (TF32 on for fp32 matmuls)."""
+    """CUDA when present (TF32 on for fp32 matmuls); bf16 autocast when asked for, or with
+    `auto` where the hardware computes bf16 natively."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-        device = torch.device("cuda")
-        bf16_ok = torch.cuda.is_bf16_supported()
+        device, bf16_ok = torch.device("cuda"), torch.cuda.is_bf16_supported()
     else:
         torch.set_num_threads(os.cpu_count() or 1)
-        device, bf16_ok = torch.device("cpu"), True
+        device, bf16_ok = torch.device("cpu"), cpu_has_bf16()
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
     return device, torch.bfloat16 if use_bf16 else None
 
@@ -150,11 +191,13 @@ def run(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora).to(device)
-    examples, dropped = tokenize(read_jsonl(prepared_dir / "train.jsonl"), tok, cfg.max_length)
+    records = read_jsonl(prepared_dir / "train.jsonl")
+    examples, dropped, records = tokenize(records, tok, cfg.max_length)
     if not examples:
         raise ValueError(f"no training examples fit max_length={cfg.max_length}")
     n_micro = cfg.max_steps * cfg.grad_accum
-    schedule = batch_schedule([len(e.input_ids) for e in examples], cfg.batch_size, n_micro, seed)
+    groups = [r["db_id"] for r in records]
+    schedule = batch_schedule(groups, cfg.batch_size, n_micro, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
@@ -192,9 +235,14 @@ def run(
             )
         log.info(
             "training %d examples (%d dropped > %d tokens), %d trainable params, %s %s, run %s",
-            len(examples), dropped, cfg.max_length, trainable, device,
-            autocast_dtype or "fp32", run_id,
-        )  # fmt: skip
+            len(examples),
+            dropped,
+            cfg.max_length,
+            trainable,
+            device,
+            autocast_dtype or "fp32",
+            run_id,
+        )
         model.train()
         start, tokens_seen = time.monotonic(), 0
         window_start, window_tokens = start, 0
@@ -202,7 +250,10 @@ def run(
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 idxs = schedule[step * cfg.grad_accum + micro]
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idxs], tok.pad_token_id).items()}  # noqa: E501
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate([examples[i] for i in idxs], tok.pad_token_id).items()
+                }  # noqa: E501
                 ctx = (
                     torch.autocast(device.type, dtype=autocast_dtype)
                     if autocast_dtype
@@ -212,7 +263,9 @@ def run(
                     loss, _ = completion_loss(model, batch)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
-                n_tok = int(batch["attention_mask"].sum())
+                # Tokens actually computed: the shared prefix once, the rest per example.
+                prefix = int(batch["prefix_len"])
+                n_tok = int(batch["attention_mask"][:, prefix:].sum()) + prefix
                 tokens_seen += n_tok
                 window_tokens += n_tok
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -234,11 +287,17 @@ def run(
                 mlflow.log_metrics(metrics, step=step)
                 log.info(
                     "step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s",
-                    step, cfg.max_steps, loss_sum, metrics["learning_rate"], grad_norm, tps,
-                )  # fmt: skip
+                    step,
+                    cfg.max_steps,
+                    loss_sum,
+                    metrics["learning_rate"],
+                    grad_norm,
+                    tps,
+                )
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                _save_checkpoint(checkpoint_dir, model, optim, sched, step, history, run_id,
-                                 fingerprint)  # fmt: skip
+                _save_checkpoint(
+                    checkpoint_dir, model, optim, sched, step, history, run_id, fingerprint
+                )
         seconds = time.monotonic() - start
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)

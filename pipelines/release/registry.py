@@ -17,11 +17,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import mlflow
+from mlflow import MlflowClient
 from pipelines.config import ROOT, Params
 from pipelines.lineage import base_model_info, content_hash
 from pipelines.release.gate import Decision, should_promote
@@ -95,8 +95,12 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
         "batch_size": p.evaluate.batch_size,
         "max_new_tokens": p.evaluate.max_new_tokens,
     }
-    example = pd.DataFrame({"question": ["How many players are there?"],
-                            "ddl": ["CREATE TABLE players (player_id INTEGER PRIMARY KEY);"]})  # fmt: skip
+    example = pd.DataFrame(
+        {
+            "question": ["How many players are there?"],
+            "ddl": ["CREATE TABLE players (player_id INTEGER PRIMARY KEY);"],
+        }
+    )
     with mlflow.start_run(run_id=train_info["run_id"]):
         info = mlflow.pyfunc.log_model(
             name="text2sql",
@@ -173,7 +177,9 @@ def release(p: Params) -> ReleaseResult:
             set_champion(client, name, version)
             champion = version
     mv = client.get_model_version(name, str(version))
-    client.set_model_version_tag(name, str(version), "gate", "promote" if decision.promote else "keep")
+    client.set_model_version_tag(
+        name, str(version), "gate", "promote" if decision.promote else "keep"
+    )
     with mlflow.start_run(run_id=mv.run_id):
         mlflow.log_text(decision.markdown(), f"release/decision-v{version}.md")
     log.info("gate for version %d: %s", version, "; ".join(decision.reasons))

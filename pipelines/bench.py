@@ -1,0 +1,139 @@
+"""`make bench`: sqlops against a baseline, both measured in the same run on the same inputs.
+
+    python -m pipelines.bench train    training tokens/s: sqlops step vs a naive LoRA step
+
+Each comparison writes `reports/bench/<name>.json` in the output contract of DESIGN.md:
+`{metric, unit, sqlops, baseline, baseline_name, ratio, setup}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from pipelines.config import ROOT, Params, load_params, setup_entry_point
+from pipelines.data.records import read_jsonl
+from pipelines.model import train
+from pipelines.model.base import load_base
+
+log = logging.getLogger(__name__)
+BENCH_DIR = ROOT / "reports" / "bench"
+
+
+def _write(name: str, result: dict) -> Path:
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    out = BENCH_DIR / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2))
+    log.info(
+        "%s: sqlops %.1f vs %s %.1f %s (ratio %.2f) -> %s",
+        result["metric"],
+        result["sqlops"],
+        result["baseline_name"],
+        result["baseline"],
+        result["unit"],
+        result["ratio"],
+        out,
+    )
+    return out
+
+
+def _time_steps(model, batch, steps: int, step_fn) -> float:
+    """Seconds per optimizer step (forward + backward + AdamW), after one warm-up step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-5)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = step_fn(model, batch)
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if i:  # the first step pays for allocation and kernel selection
+            times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def bench_train(p: Params, steps: int = 3) -> Path:
+    """Same model, LoRA config, 8 training examples: a naive step (fp32, logits at every
+    position, batch padded to its longest member) vs the sqlops step (bf16 autocast where
+    chosen, logits only at SQL positions)."""
+    cfg = p.train
+    _, dtype = train.pick_device(cfg.precision)
+    model, tok = load_base(p.path("base_model"))
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    # One training batch as the schedule builds it: examples of one database.
+    records = read_jsonl(p.path("prepared") / "train.jsonl")
+    records = [r for r in records if r["db_id"] == records[0]["db_id"]][: cfg.batch_size]
+    examples, _, _ = train.tokenize(records, tok, cfg.max_length)
+    batch = train.collate(examples, tok.pad_token_id)
+    n_tokens = int(batch["attention_mask"].sum())
+
+    def naive(m, b):
+        # Every sequence in full, logits at every position, fp32: what model(labels=...) does.
+        return m(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+        ).loss
+
+    def sqlops(m, b):
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            return train.completion_loss(m, b)[0]
+
+    naive_s = _time_steps(model, batch, steps, naive)
+    sqlops_s = _time_steps(model, batch, steps, sqlops)
+    return _write(
+        "train",
+        {
+            "metric": "training tokens per second",
+            "unit": "tokens/s",
+            "sqlops": n_tokens / sqlops_s,
+            "baseline": n_tokens / naive_s,
+            "baseline_name": "naive LoRA step (fp32, every sequence in full, full logits)",
+            "ratio": naive_s / sqlops_s,
+            "setup": {
+                "model": p.base_model.id,
+                "lora_r": cfg.lora_r,
+                "target_modules": cfg.target_modules,
+                "batch_size": len(examples),
+                "tokens_in_batch": n_tokens,
+                "padded_length": int(batch["input_ids"].shape[1]),
+                "sql_tokens": int((batch["labels"] != train.IGNORE).sum()),
+                "shared_prefix_tokens": int(batch["prefix_len"]),
+                "sqlops_precision": str(dtype or "fp32"),
+                "timed_steps": steps,
+                "s_per_step": {"sqlops": sqlops_s, "naive": naive_s},
+                "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+            },
+        },
+    )
+
+
+def main() -> None:
+    setup_entry_point()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("name", choices=["train"], nargs="*", default=["train"])
+    args = parser.parse_args()
+    p = load_params()
+    for name in args.name:
+        {"train": bench_train}[name](p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The synthetic domains: eight small business databases described as data.
+
+Each `Domain` lists its tables parents first, with typed columns, keys and the words Korean and
+English users would use for them (types and column roles: `pipelines.data.schema`). The game
+domain follows the seed book's `players` table. `pipelines.data.synth` builds one SQLite database
+per domain (db_id == domain name) and asks questions about it; adding a domain means adding a
+`Domain` here and its name to `synth.domains` in params.yaml.
+"""
+
+from __future__ import annotations
+
+from pipelines.data.schema import Domain, Table, cat, city, date, fk, name, num, pk, text
+
+# fmt: off
+PERSON, EMAIL, PHONE = ("faker", "name"), ("faker", "free_email"), ("faker", "phone_number")
+
+GAME = Domain("game", (
+    Table("players", "플레이어", "player", "players", "명", 150, person=True, columns=(
+        pk("player_id"),
+        name("username", "사용자 이름", "username", ("faker", "user_name")),
+        text("email", "이메일", "email", EMAIL),
+        text("password_hash", "비밀번호 해시", "password hash", ("hash",)),
+        date("date_joined", "가입일", "join date", ("date", 2019, 2024)),
+        date("last_login", "마지막 접속일", "last login", ("after", "date_joined", 0, 900),
+             null=0.1, time=True),
+        num("level", "레벨", "level", ("int", 1, 99), sums=False),
+        cat("country", "국가", "country", "Korea,United States,Japan,Germany,Brazil,Canada"),
+    )),
+    Table("items", "아이템", "item", "items", "개", 60, columns=(
+        pk("item_id"),
+        name("item_name", "이름", "name", (
+            "combo", "전설의 고대 불꽃의 얼음 그림자 신성한", "검 방패 활 지팡이 갑옷 반지",
+            "Legendary Ancient Flaming Frozen Shadow Holy", "Sword Shield Bow Staff Armor Ring")),
+        cat("item_type", "종류", "type", "Weapon,Armor,Accessory,Potion,Skin"),
+        cat("rarity", "희귀도", "rarity", "Common,Rare,Epic,Legendary", "50,30,15,5"),
+        num("price", "가격", "price", ("int", 100, 50000, 100), sums=False),
+    )),
+    Table("matches", "경기", "match", "matches", "경기", 200, columns=(
+        pk("match_id"),
+        fk("player_id", "players"),
+        cat("game_mode", "게임 모드", "game mode", "Ranked,Casual,Arena,Co-op"),
+        cat("result", "결과", "result", "Win,Loss,Draw", "45,45,10"),
+        num("score", "점수", "score", ("int", 0, 5000, 10)),
+        num("kills", "킬 수", "kill count", ("int", 0, 30)),
+        date("played_at", "날짜", "date", ("time", 2022, 2024), time=True),
+    )),
+    Table("purchases", "구매", "purchase", "purchases", "건", 180, columns=(
+        pk("purchase_id"),
+        fk("player_id", "players"),
+        fk("item_id", "items"),
+        num("quantity", "수량", "quantity", ("int", 1, 5)),
+        num("amount", "결제 금액", "amount paid", ("int", 1000, 100000, 500)),
+        date("purchased_at", "날짜", "date", ("time", 2022, 2024), time=True),
+    )),
+))
+
+SHOP = Domain("shop", (
+    Table("customers", "고객", "customer", "customers", "명", 140, person=True, columns=(
+        pk("customer_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        city("city", "도시", "city"),
+        cat("grade", "회원 등급", "membership tier", "Bronze,Silver,Gold,VIP", "40,30,20,10"),
+        date("signup_date", "가입일", "sign-up date", ("date", 2019, 2024)),
+    )),
+    Table("products", "상품", "product", "products", "개", 80, columns=(
+        pk("product_id"),
+        name("product_name", "이름", "name", (
+            "combo", "프리미엄 무선 친환경 미니 스마트 클래식",
+            "이어폰 텀블러 백팩 키보드 램프 운동화",
+            "Premium Wireless Eco Mini Smart Classic",
+            "Earbuds Tumbler Backpack Keyboard Lamp Sneakers")),
+        cat("category", "카테고리", "category", "Electronics,Home,Fashion,Sports,Beauty"),
+        num("price", "가격", "price", ("int", 5000, 300000, 1000), sums=False),
+        num("stock", "재고 수량", "stock", ("int", 0, 500)),
+    )),
+    Table("orders", "주문", "order", "orders", "건", 200, columns=(
+        pk("order_id"),
+        fk("customer_id", "customers"),
+        date("order_date", "주문일", "order date", ("date", 2022, 2024)),
+        cat("status", "상태", "status", "Pending,Shipped,Delivered,Cancelled", "15,20,55,10"),
+        num("total_amount", "총 금액", "total amount", ("int", 5000, 900000, 100)),
+    )),
+    Table("order_items", "주문 상품", "order line", "order lines", "건", 200, columns=(
+        pk("order_item_id"),
+        fk("order_id", "orders"),
+        fk("product_id", "products"),
+        num("quantity", "수량", "quantity", ("int", 1, 6)),
+        num("unit_price", "단가", "unit price", ("int", 5000, 300000, 1000), sums=False),
+    )),
+    Table("reviews", "리뷰", "review", "reviews", "개", 150, columns=(
+        pk("review_id"),
+        fk("product_id", "products"),
+        fk("customer_id", "customers"),
+        num("rating", "평점", "rating", ("int", 1, 5), sums=False),
+        date("review_date", "작성일", "review date", ("date", 2022, 2024)),
+    )),
+))
+
+SCHOOL = Domain("school", (
+    Table("teachers", "교사", "teacher", "teachers", "명", 40, person=True, columns=(
+        pk("teacher_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        cat("department", "학과", "department",
+            "Mathematics,Physics,Literature,History,Computer Science"),
+        date("hire_date", "임용일", "hire date", ("date", 2005, 2023)),
+        num("salary", "연봉", "salary", ("int", 38000000, 95000000, 100000)),
+    )),
+    Table("students", "학생", "student", "students", "명", 180, person=True, columns=(
+        pk("student_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        date("birth_date", "생년월일", "birth date", ("date", 1998, 2006)),
+        cat("major", "전공", "major", "Mathematics,Physics,Literature,History,Computer Science"),
+        num("gpa", "평점", "GPA", ("real", 1.5, 4.5, 2), sums=False),
+        city("hometown", "출신 도시", "hometown", null=0.1),
+    )),
+    Table("courses", "강의", "course", "courses", "개", 50, columns=(
+        pk("course_id"),
+        name("title", "이름", "title", (
+            "combo", "기초 고급 응용 현대 실용", "미적분 역학 문학 세계사 알고리즘 통계",
+            "Intro to Advanced Applied Modern Practical",
+            "Calculus Mechanics Literature History Algorithms Statistics")),
+        fk("teacher_id", "teachers"),
+        num("credits", "학점", "number of credits", ("int", 1, 4), sums=False),
+        cat("semester", "학기", "semester", "Spring,Fall"),
+    )),
+    Table("enrollments", "수강 신청", "enrollment", "enrollments", "건", 200, columns=(
+        pk("enrollment_id"),
+        fk("student_id", "students"),
+        fk("course_id", "courses"),
+        num("score", "점수", "score", ("int", 40, 100), sums=False),
+        cat("grade", "성적 등급", "letter grade", "A,B,C,D,F", "25,35,25,10,5"),
+        date("enrolled_on", "신청일", "enrollment date", ("date", 2022, 2024)),
+    )),
+))
+
+HOSPITAL = Domain("hospital", (
+    Table("patients", "환자", "patient", "patients", "명", 160, person=True, columns=(
+        pk("patient_id"),
+        name("name", "이름", "name", PERSON),
+        date("birth_date", "생년월일", "birth date", ("date", 1940, 2020)),
+        cat("gender", "성별", "gender", "F,M"),
+        cat("blood_type", "혈액형", "blood type", "A,B,O,AB", "34,27,28,11"),
+        city("city", "거주 도시", "city"),
+        text("phone", "전화번호", "phone number", PHONE, null=0.15),
+    )),
+    Table("doctors", "의사", "doctor", "doctors", "명", 40, person=True, columns=(
+        pk("doctor_id"),
+        name("name", "이름", "name", PERSON),
+        cat("specialty", "진료과", "specialty",
+            "Cardiology,Pediatrics,Orthopedics,Dermatology,Neurology,Internal Medicine"),
+        num("years_experience", "경력 연수", "years of experience", ("int", 1, 35), sums=False),
+    )),
+    Table("appointments", "진료 예약", "appointment", "appointments", "건", 200, columns=(
+        pk("appointment_id"),
+        fk("patient_id", "patients"),
+        fk("doctor_id", "doctors"),
+        date("appointment_time", "예약 날짜", "date", ("time", 2022, 2024), time=True),
+        cat("status", "상태", "status", "Completed,Scheduled,Cancelled,No-show", "60,20,15,5"),
+        num("fee", "진료비", "fee", ("int", 10000, 250000, 1000)),
+    )),
+    Table("prescriptions", "처방", "prescription", "prescriptions", "건", 180, columns=(
+        pk("prescription_id"),
+        fk("appointment_id", "appointments"),
+        cat("medication", "약품", "medication",
+            "Amoxicillin,Ibuprofen,Metformin,Atorvastatin,Omeprazole,Cetirizine"),
+        num("dosage_mg", "용량(mg)", "dosage in mg", ("int", 5, 1000, 5), sums=False),
+        num("days", "투약 일수", "number of days", ("int", 1, 30)),
+    )),
+))
+
+LIBRARY = Domain("library", (
+    Table("authors", "작가", "author", "authors", "명", 60, person=True, columns=(
+        pk("author_id"),
+        name("name", "이름", "name", PERSON),
+        cat("nationality", "국적", "nationality",
+            "Korea,United States,United Kingdom,Japan,France"),
+        num("birth_year", "출생 연도", "birth year", ("int", 1920, 1995), sums=False),
+    )),
+    Table("books", "책", "book", "books", "권", 150, columns=(
+        pk("book_id"),
+        name("title", "제목", "title", (
+            "combo", "잃어버린 푸른 마지막 조용한 낯선 작은", "정원 도시 편지 바다 여름 시간",
+            "Lost Blue Last Quiet Strange Little", "Garden City Letter Sea Summer Hour")),
+        fk("author_id", "authors"),
+        cat("genre", "장르", "genre", "Novel,Poetry,Essay,Science,History,Mystery"),
+        num("published_year", "출간 연도", "publication year", ("int", 1960, 2024), sums=False),
+        num("pages", "쪽수", "page count", ("int", 80, 900)),
+    )),
+    Table("members", "회원", "member", "members", "명", 120, person=True, columns=(
+        pk("member_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        city("city", "도시", "city"),
+        cat("membership", "회원 유형", "membership type", "Standard,Student,Senior,Premium"),
+        date("joined_on", "가입일", "join date", ("date", 2015, 2024)),
+    )),
+    Table("loans", "대출", "loan", "loans", "건", 200, columns=(
+        pk("loan_id"),
+        fk("book_id", "books"),
+        fk("member_id", "members"),
+        date("loan_date", "대출일", "loan date", ("date", 2022, 2024)),
+        date("due_date", "반납 예정일", "due date", ("after", "loan_date", 14, 14)),
+        date("return_date", "반납일", "return date", ("after", "loan_date", 1, 30), null=0.2),
+    )),
+))
+
+HR = Domain("hr", (
+    Table("departments", "부서", "department", "departments", "개", 30, columns=(
+        pk("department_id"),
+        name("department_name", "이름", "name", (
+            "combo", "국내 해외 디지털 전략 고객", "영업팀 마케팅팀 개발팀 재무팀 인사팀 지원팀",
+            "Domestic Global Digital Strategic Customer",
+            "Sales Marketing Engineering Finance People Support")),
+        city("location", "위치", "location"),
+        num("budget", "예산", "budget", ("int", 100000000, 3000000000, 10000000)),
+    )),
+    Table("employees", "직원", "employee", "employees", "명", 180, person=True, columns=(
+        pk("employee_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        fk("department_id", "departments"),
+        cat("job_title", "직급", "job title", "Associate,Senior Associate,Manager,Director",
+            "40,30,20,10"),
+        num("salary", "연봉", "salary", ("int", 32000000, 150000000, 500000)),
+        date("hire_date", "입사일", "hire date", ("date", 2010, 2024)),
+    )),
+    Table("projects", "프로젝트", "project", "projects", "개", 50, columns=(
+        pk("project_id"),
+        name("project_name", "이름", "name", (
+            "combo", "차세대 통합 모바일 클라우드 데이터", "플랫폼 포털 분석 전환 자동화",
+            "NextGen Unified Mobile Cloud Data", "Platform Portal Analytics Migration Automation")),
+        fk("department_id", "departments"),
+        date("start_date", "시작일", "start date", ("date", 2020, 2024)),
+        date("end_date", "종료일", "end date", ("after", "start_date", 60, 540), null=0.3),
+        num("budget", "예산", "budget", ("int", 10000000, 900000000, 5000000)),
+    )),
+    Table("assignments", "프로젝트 배정", "assignment", "assignments", "건", 200, columns=(
+        pk("assignment_id"),
+        fk("employee_id", "employees"),
+        fk("project_id", "projects"),
+        cat("role", "역할", "role", "Lead,Developer,Analyst,Designer,Tester"),
+        num("hours", "투입 시간", "hours", ("int", 10, 400)),
+    )),
+))
+
+FINANCE = Domain("finance", (
+    Table("clients", "고객", "client", "clients", "명", 140, person=True, columns=(
+        pk("client_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        city("city", "도시", "city"),
+        date("birth_date", "생년월일", "birth date", ("date", 1950, 2003)),
+        cat("risk_level", "위험 등급", "risk level", "Low,Medium,High", "50,35,15"),
+    )),
+    Table("accounts", "계좌", "account", "accounts", "개", 180, columns=(
+        pk("account_id"),
+        fk("client_id", "clients"),
+        cat("account_type", "종류", "type", "Checking,Savings,Investment,Pension"),
+        num("balance", "잔액", "balance", ("real", 0, 50000000, 0)),
+        date("opened_on", "개설일", "opening date", ("date", 2012, 2024)),
+        cat("status", "상태", "status", "Active,Dormant,Closed", "80,15,5"),
+    )),
+    Table("transactions", "거래", "transaction", "transactions", "건", 200, columns=(
+        pk("transaction_id"),
+        fk("account_id", "accounts"),
+        cat("txn_type", "유형", "type", "Deposit,Withdrawal,Transfer,Payment"),
+        num("amount", "금액", "amount", ("int", 1000, 5000000, 1000)),
+        date("txn_time", "거래일", "date", ("time", 2023, 2024), time=True),
+        text("merchant", "가맹점", "merchant", ("faker", "company"), null=0.4),
+    )),
+    Table("loans", "대출", "loan", "loans", "건", 80, columns=(
+        pk("loan_id"),
+        fk("client_id", "clients"),
+        num("principal", "원금", "principal", ("int", 1000000, 500000000, 1000000)),
+        num("interest_rate", "금리", "interest rate", ("real", 2.5, 12.0, 2), sums=False),
+        num("term_months", "대출 기간(개월)", "term in months", ("int", 6, 360, 6), sums=False),
+        date("start_date", "실행일", "start date", ("date", 2015, 2024)),
+    )),
+))
+
+TRAVEL = Domain("travel", (
+    Table("travelers", "여행객", "traveler", "travelers", "명", 150, person=True, columns=(
+        pk("traveler_id"),
+        name("name", "이름", "name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        city("home_city", "거주 도시", "home city"),
+        date("birth_date", "생년월일", "birth date", ("date", 1955, 2005)),
+        cat("loyalty_tier", "멤버십 등급", "loyalty tier", "Basic,Silver,Gold,Platinum",
+            "50,25,15,10"),
+    )),
+    Table("destinations", "여행지", "destination", "destinations", "곳", 40, columns=(
+        pk("destination_id"),
+        name("city", "도시명", "city name", (
+            "combo", "", "제주 부산 강릉 경주 여수 전주 속초 통영", "",
+            "Paris Tokyo Rome Bangkok Sydney Barcelona Vancouver Lisbon")),
+        cat("region", "지역", "region", "Asia,Europe,Americas,Oceania"),
+        num("avg_daily_cost", "하루 경비", "daily cost", ("int", 50000, 400000, 5000),
+            sums=False),
+    )),
+    Table("hotels", "호텔", "hotel", "hotels", "곳", 90, columns=(
+        pk("hotel_id"),
+        name("hotel_name", "이름", "name", (
+            "combo", "그랜드 씨뷰 시티 로열 가든", "호텔 리조트 스테이 인 하우스",
+            "Grand Seaview City Royal Garden", "Hotel Resort Stay Inn House")),
+        fk("destination_id", "destinations"),
+        num("stars", "성급", "star rating", ("int", 1, 5), sums=False),
+        num("price_per_night", "1박 요금", "price per night", ("int", 40000, 600000, 1000),
+            sums=False),
+    )),
+    Table("bookings", "예약", "booking", "bookings", "건", 200, columns=(
+        pk("booking_id"),
+        fk("traveler_id", "travelers"),
+        fk("hotel_id", "hotels"),
+        date("check_in", "체크인 날짜", "check-in date", ("date", 2022, 2024)),
+        num("nights", "숙박 일수", "number of nights", ("int", 1, 14)),
+        num("total_price", "총 결제 금액", "total price", ("int", 40000, 8000000, 1000)),
+        cat("status", "상태", "status", "Confirmed,Cancelled,Completed", "30,15,55"),
+    )),
+))
+# fmt: on
+
+DOMAINS: dict[str, Domain] = {
+    d.name: d for d in (GAME, SHOP, SCHOOL, HOSPITAL, LIBRARY, HR, FINANCE, TRAVEL)
+}

@@ -1,0 +1,184 @@
+"""The `prepare` stage: every source → canonical train/eval records + their databases.
+
+Steps: import each source in `data.sources` (see `sources.py`), fill missing DDL from the SQLite
+schema, drop exact and normalised-question duplicates, split (held-out domains or a seeded random
+share), then drop from train anything whose question or SQL also appears in eval (leakage).
+Writes `train.jsonl`, `eval.jsonl`, `databases/<db_id>.sqlite` and `stats.json` into the prepared
+folder, replacing whatever an earlier run left there.
+
+Run: `python -m pipelines.data.prepare` (dvc stage `prepare`).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import random
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from pipelines.config import DataConfig, load_params, setup_entry_point
+from pipelines.data import sources
+from pipelines.data.records import FIELDS, write_jsonl
+from pipelines.sql import ddl_of, normalize
+
+log = logging.getLogger(__name__)
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_question(question: str) -> str:
+    """Lower-case, punctuation stripped, whitespace collapsed: the key for duplicates/leakage."""
+    return " ".join(_PUNCT.sub("", question.lower()).split())
+
+
+def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
+    """Keep the first of each (db_id, normalised question). Returns the kept records, the
+    number of exact duplicates (same db_id, question and SQL) and of other same-question ones."""
+    seen_exact: set[tuple[str, str, str]] = set()
+    seen_question: set[tuple[str, str]] = set()
+    kept, exact, same_question = [], 0, 0
+    for r in records:
+        k_exact = (r["db_id"], r["question"], r["sql"])
+        k_question = (r["db_id"], normalize_question(r["question"]))
+        if k_exact in seen_exact:
+            exact += 1
+        elif k_question in seen_question:
+            same_question += 1
+        else:
+            kept.append(r)
+        seen_exact.add(k_exact)
+        seen_question.add(k_question)
+    return kept, exact, same_question
+
+
+def assign_split(records: list[dict], cfg: DataConfig, seed: int) -> None:
+    """Set `split` on every record, in place."""
+    if cfg.split == "held_out_domain":
+        held_out = set(cfg.eval_domains)
+        for r in records:
+            r["split"] = "eval" if r["domain"] in held_out else "train"
+        missing = held_out - {r["domain"] for r in records}
+        if missing:
+            log.warning("eval domains with no examples: %s", ", ".join(sorted(missing)))
+        return
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(records) * cfg.eval_fraction)
+    eval_idx = set(order[:n_eval])
+    for i, r in enumerate(records):
+        r["split"] = "eval" if i in eval_idx else "train"
+
+
+def drop_leakage(records: list[dict]) -> tuple[list[dict], int]:
+    """Drop train records whose normalised question or SQL also occurs in eval: an evaluation
+    example the model has already seen in any phrasing measures memory, not generalisation."""
+    evals = [r for r in records if r["split"] == "eval"]
+    questions = {normalize_question(r["question"]) for r in evals}
+    sqls = {normalize(r["sql"]) for r in evals}
+    kept = [
+        r
+        for r in records
+        if r["split"] == "eval"
+        or (normalize_question(r["question"]) not in questions and normalize(r["sql"]) not in sqls)
+    ]
+    return kept, len(records) - len(kept)
+
+
+def install_databases(records: list[dict], databases: dict[str, Path | None], db_out: Path) -> None:
+    """Copy (or build from the DDL) the database of every db_id the records use."""
+    db_out.mkdir(parents=True, exist_ok=True)
+    for db_id in sorted({r["db_id"] for r in records}):
+        target = db_out / f"{db_id}.sqlite"
+        src = databases.get(db_id)
+        if src is None:
+            ddls = list(dict.fromkeys(r["ddl"] for r in records if r["db_id"] == db_id))
+            sources.build_db_from_ddl(ddls, target)
+        elif not src.is_file():
+            raise FileNotFoundError(f"database for db_id {db_id!r} not found: {src}")
+        else:
+            shutil.copyfile(src, target)
+
+
+def collect(cfg: DataConfig, synthetic_dir: Path) -> tuple[list[dict], dict[str, Path | None]]:
+    """All sources' records, in source order, and one database per db_id."""
+    records: list[dict] = []
+    databases: dict[str, Path | None] = {}
+    for src in cfg.sources:
+        imported = sources.load(src, synthetic_dir)
+        for db_id, path in imported.databases.items():
+            prev = databases.get(db_id)
+            # Two sources may share a db_id only if they mean the same database.
+            if prev is not None and path is not None and not filecmp.cmp(prev, path, False):
+                raise ValueError(f"db_id {db_id!r} names two different databases: {prev}, {path}")
+            databases[db_id] = prev or path
+        records.extend(imported.records)
+    return records, databases
+
+
+def stats_of(records: list[dict], removed: dict[str, int]) -> dict:
+    stats: dict = {"n": {}, "removed": removed, "n_databases": len({r["db_id"] for r in records})}
+    for split in ("train", "eval"):
+        part = [r for r in records if r["split"] == split]
+        stats["n"][split] = len(part)
+        stats[split] = {
+            key: dict(sorted(Counter(r[key] for r in part).items()))
+            for key in ("domain", "lang", "difficulty", "source")
+        }
+    return stats
+
+
+def run(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
+    """Build the prepared dataset in `out_dir`; returns the statistics written to stats.json."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a DVC output: nothing from an earlier run may survive
+    out_dir.mkdir(parents=True)
+
+    records, databases = collect(cfg, synthetic_dir)
+    n_imported = len(records)
+    records, exact, same_question = dedupe(records)
+    # DDL from the schema where a source has none (Spider, synthetic without a ddl field).
+    ddl_cache: dict[str, str] = {}
+    for r in records:
+        if not r["ddl"] and databases.get(r["db_id"]) is not None:
+            if r["db_id"] not in ddl_cache:
+                ddl_cache[r["db_id"]] = ddl_of(databases[r["db_id"]])
+            r["ddl"] = ddl_cache[r["db_id"]]
+    assign_split(records, cfg, seed)
+    records, leaked = drop_leakage(records)
+    if {r["split"] for r in records} != {"train", "eval"}:
+        raise ValueError(
+            f"split {cfg.split!r} left an empty train or eval set "
+            f"(eval_domains={cfg.eval_domains}, eval_fraction={cfg.eval_fraction})"
+        )
+
+    install_databases(records, databases, out_dir / "databases")
+    for split in ("train", "eval"):
+        write_jsonl(
+            out_dir / f"{split}.jsonl",
+            ({k: r[k] for k in FIELDS} for r in records if r["split"] == split),
+        )
+    removed = {"duplicates_exact": exact, "duplicates_question": same_question, "leakage": leaked}
+    stats = {"n_imported": n_imported, **stats_of(records, removed)}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return stats
+
+
+def main() -> None:
+    setup_entry_point()
+    p = load_params()
+    stats = run(p.data, p.seed, p.path("synthetic"), p.path("prepared"))
+    log.info(
+        "prepared %d train / %d eval examples over %d databases; removed %s",
+        stats["n"]["train"],
+        stats["n"]["eval"],
+        stats["n_databases"],
+        stats["removed"],
+    )
+
+
+if __name__ == "__main__":
+    main()
