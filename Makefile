@@ -20,7 +20,7 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 PIDS := .run
 
-.PHONY: setup run test test-all ui ui-stop lint format lock clean
+.PHONY: setup run test bench ui ui-stop lint format lock clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# sqlops vs a baseline in the same run; writes reports/bench/<name>.json (needs `dvc repro`).
+bench: setup
+	$(BIN)/dvc repro base_model prepare
+	$(BIN)/python -m pipelines.bench
 
 lint: setup
 	$(BIN)/ruff check pipelines flows tests

@@ -16,6 +16,7 @@ import math
 import re
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -210,6 +211,50 @@ def schema_of(db_path: Path | str) -> dict[str, list[str]]:
             t.lower(): [c[1].lower() for c in conn.execute(f'PRAGMA table_info("{t}")')]
             for t in tables
         }
+
+
+_ROWID = {"rowid", "oid", "_rowid_"}  # SQLite's implicit row id columns
+
+
+def missing_refs(tree: exp.Expression, schema: dict[str, list[str]]) -> list[str]:
+    """Tables and columns a query names that the database lacks (SQLite would fail on most of
+    them, but reads an unknown double-quoted column as a string literal and returns wrong rows).
+
+    Names defined by the query itself (CTEs, derived tables, select aliases) are accepted;
+    columns qualified by one of those are not checked further.
+    """
+    ctes = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
+    derived = set(ctes) | {s.alias.lower() for s in tree.find_all(exp.Subquery) if s.alias}
+    tables_of: dict[str, set[str]] = defaultdict(set)  # alias (or name) → real tables
+    missing: list[str] = []
+    for t in tree.find_all(exp.Table):
+        if not isinstance(t.this, exp.Identifier):
+            continue  # a table-valued function, e.g. json_each(...)
+        name = t.name.lower()
+        if name in ctes:
+            derived.add(t.alias_or_name.lower())
+        elif name not in schema:
+            missing.append(f"table {t.name}")
+            derived.add(t.alias_or_name.lower())  # its columns: reported once, as the table
+        else:
+            tables_of[t.alias_or_name.lower()].add(name)
+    known = {c for cols in schema.values() for c in cols} | _ROWID
+    known |= {a.alias.lower() for a in tree.find_all(exp.Alias)}
+    known |= {c.name.lower() for ta in tree.find_all(exp.TableAlias) for c in ta.columns}
+    for col in tree.find_all(exp.Column):
+        if isinstance(col.this, exp.Star):
+            continue
+        name, qualifier = col.name.lower(), col.table.lower()
+        if not qualifier:
+            if name not in known:
+                missing.append(f"column {col.name}")
+        elif qualifier in derived:
+            continue
+        elif qualifier not in tables_of:
+            missing.append(f"table or alias {col.table}")
+        elif name not in _ROWID and not any(name in schema[t] for t in tables_of[qualifier]):
+            missing.append(f"column {col.table}.{col.name}")
+    return list(dict.fromkeys(missing))
 
 
 _SQL_START = re.compile(r"\b(SELECT|WITH)\b", re.IGNORECASE)

@@ -13,7 +13,7 @@ import pytest
 from pipelines.config import ValidateConfig
 from pipelines.data import validate
 from pipelines.data.records import FIELDS, read_jsonl, write_jsonl
-from pipelines.sql import parse, schema_of
+from pipelines.sql import missing_refs, parse, schema_of
 
 CFG = ValidateConfig(
     min_question_chars=5, max_question_chars=80, langs=["ko", "en"], sql_timeout_s=0.5
@@ -142,7 +142,7 @@ def test_sql_checks_say_why(prepared_dir: Path) -> None:
 )
 def test_refs_accept_aliases_ctes_and_subqueries(prepared_dir: Path, sql: str) -> None:
     schema = schema_of(prepared_dir / "databases" / "shop.sqlite")
-    assert validate.missing_refs(parse(sql), schema) == []
+    assert missing_refs(parse(sql), schema) == []
 
 
 @pytest.mark.slow

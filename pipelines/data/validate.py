@@ -35,7 +35,7 @@ from sqlglot import exp
 from pipelines.config import ValidateConfig, load_params, setup_entry_point
 from pipelines.data.prepare import normalize_question
 from pipelines.data.records import DIFFICULTIES, FIELDS, read_jsonl
-from pipelines.sql import DIALECT, UnsafeSQL, execute, guard, normalize, schema_of
+from pipelines.sql import DIALECT, UnsafeSQL, execute, guard, missing_refs, normalize, schema_of
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -58,7 +58,6 @@ CHECKS = {
 # What a whole-table rule (no failing rows to show) reports instead.
 _OBSERVED = ("observed_value", "partial_missing_list")
 # SQLite's implicit row id columns exist in every ordinary table.
-_ROWID = {"rowid", "oid", "_rowid_"}
 # A "statement" sqlglot reads as a bare expression (`SELEC x` parses as a column alias).
 _BARE = (exp.Alias, exp.Condition, exp.Identifier, exp.Star)
 
@@ -92,47 +91,6 @@ class ValidationResult:
     @property
     def failed(self) -> list[RuleResult]:
         return [r for r in self.rules if not r.success]
-
-
-def missing_refs(tree: exp.Expression, schema: dict[str, list[str]]) -> list[str]:
-    """Tables and columns a query names that the database lacks (SQLite would fail on most of
-    them, but reads an unknown double-quoted column as a string literal and returns wrong rows).
-
-    Names defined by the query itself (CTEs, derived tables, select aliases) are accepted;
-    columns qualified by one of those are not checked further.
-    """
-    ctes = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
-    derived = set(ctes) | {s.alias.lower() for s in tree.find_all(exp.Subquery) if s.alias}
-    tables_of: dict[str, set[str]] = defaultdict(set)  # alias (or name) → real tables
-    missing: list[str] = []
-    for t in tree.find_all(exp.Table):
-        if not isinstance(t.this, exp.Identifier):
-            continue  # a table-valued function, e.g. json_each(...)
-        name = t.name.lower()
-        if name in ctes:
-            derived.add(t.alias_or_name.lower())
-        elif name not in schema:
-            missing.append(f"table {t.name}")
-            derived.add(t.alias_or_name.lower())  # its columns: reported once, as the table
-        else:
-            tables_of[t.alias_or_name.lower()].add(name)
-    known = {c for cols in schema.values() for c in cols} | _ROWID
-    known |= {a.alias.lower() for a in tree.find_all(exp.Alias)}
-    known |= {c.name.lower() for ta in tree.find_all(exp.TableAlias) for c in ta.columns}
-    for col in tree.find_all(exp.Column):
-        if isinstance(col.this, exp.Star):
-            continue
-        name, qualifier = col.name.lower(), col.table.lower()
-        if not qualifier:
-            if name not in known:
-                missing.append(f"column {col.name}")
-        elif qualifier in derived:
-            continue
-        elif qualifier not in tables_of:
-            missing.append(f"table or alias {col.table}")
-        elif name not in _ROWID and not any(name in schema[t] for t in tables_of[qualifier]):
-            missing.append(f"column {col.table}.{col.name}")
-    return list(dict.fromkeys(missing))
 
 
 def _check_sql(

@@ -263,9 +263,8 @@ def run(
                     loss, _ = completion_loss(model, batch)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
-                # Tokens actually computed: the shared prefix once, the rest per example.
-                prefix = int(batch["prefix_len"])
-                n_tok = int(batch["attention_mask"][:, prefix:].sum()) + prefix
+                # Example tokens trained on (as in `make bench`), not the fewer ones computed.
+                n_tok = int(batch["attention_mask"].sum())
                 tokens_seen += n_tok
                 window_tokens += n_tok
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
