@@ -109,6 +109,10 @@ class RegistryConfig(_Block):
     min_delta: float  # challenger must beat the champion by more than this
 
 
+class ServingConfig(_Block):
+    inference_log_url: str  # SQLAlchemy URL of the inference log (relative sqlite: repo root)
+
+
 class MlflowConfig(_Block):
     tracking_uri: str  # relative sqlite paths are resolved against the repo root
     artifact_location: Path  # experiment artifact root
@@ -125,6 +129,7 @@ class Params(_Block):
     train: TrainConfig
     evaluate: EvaluateConfig
     registry: RegistryConfig
+    serving: ServingConfig
     mlflow: MlflowConfig
 
     def path(self, name: str) -> Path:
