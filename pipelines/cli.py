@@ -1,9 +1,21 @@
 """`sqlops` command line: the side-effecting steps that live outside `dvc repro`.
 
 sqlops release               register the adapter, gate it, move `champion` if it wins
-sqlops rollback [--to N]     point `champion` back at the previous (or a given) version
+sqlops rollback [--to N]     point `champion` back at the previous (or a given) version (and
+                             route the gateway to it when vLLM is running)
+sqlops deploy [--version N]  serve the champion (or N) in vLLM behind the gateway, smoke test,
+                             roll back by itself on failure
+sqlops serve [--background]  vLLM (started if needed) + the champion + the gateway on loopback;
+                             `sqlops serve --stop` ends both
 sqlops summary               base vs tuned figures, run id, versions, how to open the UIs
 sqlops flow training         run the Prefect training flow (each DVC stage a task, then release)
+sqlops flow release          run the Prefect release flow (register, gate, deploy, smoke, rollback)
+sqlops flow monitoring       drift check on the inference log; retrains when the policy says so
+sqlops prefect serve         serve the training + monitoring deployments to a Prefect server
+sqlops experiment lora-rank  train + evaluate at LoRA ranks 8/16/64, one table (seed book)
+sqlops experiment precision  the same for fp32 vs bf16 autocast
+sqlops eval --dataset spider:<dir> --model models:/<name>@champion|base [--model ...]
+                             score registered versions / the base model on a Spider-format set
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipelines.config import load_params, setup_entry_point
 
@@ -27,11 +40,48 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipelines.release.deploy import MlflowRegistry, route_to
     from pipelines.release.registry import rollback
+    from pipelines.serving.backend import vllm_url
+    from pipelines.serving.vllm_server import VLLMAdmin
 
-    before, after = rollback(load_params(), args.to)
+    p = load_params()
+    before, after = rollback(p, args.to)
     print(f"champion: v{before} -> v{after}")
+    admin = VLLMAdmin(vllm_url(p.serving))
+    if admin.healthy():
+        route = route_to(p, after, admin, MlflowRegistry(p))
+        print(f"gateway now serves {route.model}")
+    else:
+        print("vLLM is not running: the next `sqlops deploy` or `sqlops serve` serves it")
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipelines.release.deploy import deploy
+
+    r = deploy(load_params(), args.version, force_smoke_failure=args.force_smoke_failure)
+    print(f"{r.name}: smoke test {r.smoke.n_ok}/{r.smoke.n} canaries executed")
+    for failure in r.smoke.failures:
+        print(f"  {failure}")
+    if not r.ok:
+        back = f"v{r.rolled_back_to}" if r.rolled_back_to else "nothing (no earlier version)"
+        print(f"rolled back: champion and gateway on {back}")
+        return 1
+    if r.unloaded:
+        print(f"unloaded: {', '.join(r.unloaded)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.release.deploy import serve
+    from pipelines.serving.vllm_server import stop_background
+
+    if args.stop:
+        for name in ("gateway", "vllm"):
+            print(f"{name}: {'stopped' if stop_background(name) else 'not running'}")
+        return 0
+    return serve(load_params(), background=args.background)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -85,6 +135,54 @@ def cmd_flow(args: argparse.Namespace) -> int:
         from flows.training import training
 
         training()
+    elif args.name == "release":
+        from flows.release import release
+
+        return 0 if release(force_smoke_failure=args.force_smoke_failure)["ok"] else 1
+    elif args.name == "monitoring":
+        from flows.monitoring import monitoring
+
+        print(json.dumps(monitoring(retrain=not args.no_retrain), indent=2))
+    return 0
+
+
+def cmd_prefect(args: argparse.Namespace) -> int:
+    from flows.deployments import main as serve_deployments
+
+    serve_deployments()
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pipelines.model import experiment
+
+    variants = (
+        experiment.lora_rank_variants(args.ranks)
+        if args.name == "lora-rank"
+        else experiment.PRECISION_VARIANTS
+    )
+    table = experiment.run(load_params(), args.name, variants, args.steps)
+    print(table.read_text())
+    print(f"written to {table}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.eval import external
+
+    out = args.out or external.default_out_dir(args.dataset)
+    metrics = external.run(load_params(), args.dataset, args.model, out, args.max_examples)
+    print(f"\n{args.dataset}: {metrics['n_examples']} examples, judge {metrics['judge']['status']}")
+    print(f"  {'model':<24}{'execution':>10}{'95% CI':>16}{'exact':>8}{'valid':>8}{'judge':>8}")
+    for label in metrics["models"]:
+        m = metrics[label]
+        lo, hi = m["execution_accuracy_ci95"]
+        judge = "n/a" if m["judge_accuracy"] is None else f"{m['judge_accuracy']:.3f}"
+        print(
+            f"  {label:<24}{m['execution_accuracy']:>10.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}"
+            f"{m['exact_match']:>8.3f}{m['valid_sql_rate']:>8.3f}{judge:>8}"
+        )
+    print(f"report: {out}")
     return 0
 
 
@@ -98,18 +196,51 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rollback", help="move the champion alias back")
     rb.add_argument("--to", type=int, help="version to make champion (default: the previous one)")
     sub.add_parser("summary", help="print base vs tuned figures and registry state")
+    dp = sub.add_parser("deploy", help="serve the champion in vLLM, smoke test, auto-rollback")
+    dp.add_argument("--version", type=int, help="version to serve (default: the champion)")
+    sv = sub.add_parser("serve", help="start vLLM + gateway on loopback")
+    sv.add_argument("--background", action="store_true", help="return once both are healthy")
+    sv.add_argument("--stop", action="store_true", help="stop the background vLLM and gateway")
     fl = sub.add_parser("flow", help="run a Prefect flow")
-    fl.add_argument("name", choices=["training"])
+    fl.add_argument("name", choices=["training", "release", "monitoring"])
+    fl.add_argument("--no-retrain", action="store_true", help="monitoring: check and report only")
+    for p in (dp, fl):
+        p.add_argument(
+            "--force-smoke-failure", action="store_true", help="fail the smoke test (drill)"
+        )
+    pf = sub.add_parser("prefect", help="serve the Prefect deployments (needs PREFECT_API_URL)")
+    pf.add_argument("action", choices=["serve"])
+    ex = sub.add_parser("experiment", help="run a training experiment")
+    ex.add_argument("name", choices=["lora-rank", "precision"])
+    ex.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64], help="ranks (lora-rank)")
+    ex.add_argument("--steps", type=int, help="steps per rank (default: train.max_steps)")
+    ev = sub.add_parser("eval", help="evaluate a registered model or the base model on a dataset")
+    ev.add_argument("--dataset", required=True, help="spider:<dir> (a Spider-format folder)")
+    ev.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="models:/<name>@<alias>, models:/<name>/<version> or base; repeat to compare",
+    )
+    ev.add_argument(
+        "--max-examples", type=int, help="seeded sample (default: evaluate.max_examples, 0 = all)"
+    )
+    ev.add_argument("--out", type=Path, help="report folder (default: reports/external/<dataset>)")
     args = parser.parse_args(argv)
     handlers = {
         "release": cmd_release,
         "rollback": cmd_rollback,
         "summary": cmd_summary,
         "flow": cmd_flow,
+        "deploy": cmd_deploy,
+        "serve": cmd_serve,
+        "experiment": cmd_experiment,
+        "prefect": cmd_prefect,
+        "eval": cmd_eval,
     }
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"sqlops {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -31,8 +31,12 @@ class Paths(_Block):
     checkpoints: Path  # resumable training state
     eval_metrics: Path  # metrics/eval.json (output contract)
     predictions: Path  # one JSON line per evaluated example and model
+    eval_breakdown: Path  # execution accuracy per model and domain/difficulty/lang (DVC plots)
+    eval_disagreements: Path  # markdown table: examples where judge and execution disagree
     train_metrics: Path  # final training figures (DVC metrics)
     judge_cache: Path  # SQLite cache of judge verdicts (kept across runs, not a DVC output)
+    monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
+    feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
 
 
 class BaseModelConfig(_Block):
@@ -81,6 +85,11 @@ class TrainConfig(_Block):
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where it helps
     log_every: int  # steps between metric logs
     checkpoint_every: int  # steps between resumable checkpoints
+    dev_examples: int  # in-domain examples held out of training for the eval loss (0 = none)
+    eval_every: int  # steps between eval-loss measurements on the dev examples
+    early_stopping_patience: int  # evals without a new best eval loss before stopping (0 = off)
+    schema_augment: float  # share of training examples shown with renamed tables/columns
+    schema_variants: int  # renamed versions of each database's schema
 
 
 class JudgeConfig(_Block):
@@ -92,6 +101,7 @@ class JudgeConfig(_Block):
     tpm_limit: int | None  # tokens per minute (None = no limit)
     price_per_1k_in: float  # USD per 1k prompt tokens, for cost accounting
     price_per_1k_out: float  # USD per 1k completion tokens
+    only_execution_failures: bool  # judge only what execution marks wrong (cheaper; no kappa)
 
 
 class EvaluateConfig(_Block):
@@ -111,6 +121,46 @@ class RegistryConfig(_Block):
 
 class ServingConfig(_Block):
     inference_log_url: str  # SQLAlchemy URL of the inference log (relative sqlite: repo root)
+    host: str  # interface the gateway and a locally started vLLM bind (loopback by default)
+    gateway_port: int  # gateway HTTP port
+    vllm_port: int  # vLLM OpenAI server port; SQLOPS_VLLM_URL (env) points at another server
+    max_question_chars: int  # longer questions get a 400
+    max_new_tokens: int  # generation budget per request
+    request_timeout_s: float  # per vLLM call; past it the gateway answers 503
+    sql_timeout_s: float  # execution time limit per query
+    max_rows: int  # rows returned per executed query (the rest is cut, `truncated: true`)
+    cache_size: int  # entries of the exact-match response cache (0 = off)
+    keep_adapters: int  # adapters kept loaded in vLLM (the routed one included)
+    routing_file: Path  # which adapter the gateway serves; written by `sqlops deploy`
+    adapters_dir: Path  # local copies of registered adapters, one immutable folder per version
+    smoke_questions: int  # canary questions (training databases in turn) after every switch
+    smoke_min_pass: float  # share of canaries that must give SQL that executes
+    vllm_startup_timeout_s: float  # wait for a freshly started vLLM to become healthy
+    vllm_kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE for a locally started vLLM on CPU
+    max_lora_rank: int  # vLLM --max-lora-rank (at least train.lora_r)
+    vllm_max_model_len: int  # vLLM --max-model-len (prompt + SQL tokens)
+
+
+class MonitoringConfig(_Block):
+    window_hours: float  # current window: the last N hours of the inference log
+    min_samples: int  # fewer requests in the window never trigger retraining
+    sample_size: int  # seeded sample of the window for text drift and SQL parsing (the slow ones)
+    num_threshold: float  # normed Wasserstein distance above which a numeric signal drifts
+    cat_threshold: float  # Jensen-Shannon distance above which a category mix (lang, domain) drifts
+    text_drift: bool  # Evidently's domain-classifier drift on the question text
+    text_threshold: float  # that classifier's ROC AUC above which text drifts (0.5 = alike)
+    max_oov_increase: float  # out-of-vocabulary rate allowed above the training questions' own
+    max_guard_rejection_rate: float  # share of requests whose SQL the read-only guard refused
+    max_exec_error_rate: float  # share of requests whose SQL failed to execute
+    max_empty_result_rate: float  # share of executed queries that returned no rows
+    max_latency_p95_ms: float  # 95th percentile of request latency
+    max_negative_feedback_rate: float  # share of "wrong" verdicts among requests with a verdict
+    retrain_on: list[str]  # signals whose drift may trigger retraining (others only report)
+    cooldown_hours: float  # no retraining this soon after the last one
+    max_retrains_per_day: int  # retrains triggered within any 24 hours
+    feedback_sql_timeout_s: float  # time limit when verifying a feedback correction by running it
+    monitoring_cron: str  # schedule of the `monitoring` deployment (flows/deployments.py)
+    training_cron: str  # schedule of the `training` deployment (it also runs on drift events)
 
 
 class MlflowConfig(_Block):
@@ -130,6 +180,7 @@ class Params(_Block):
     evaluate: EvaluateConfig
     registry: RegistryConfig
     serving: ServingConfig
+    monitoring: MonitoringConfig
     mlflow: MlflowConfig
 
     def path(self, name: str) -> Path:

@@ -13,18 +13,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import socket
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipelines.eval.judge import SECTIONS
+from tests.loopback import LoopbackServer
 
 MALFORMED_REPLIES = ("maybe", '{"answer": 1}', '{"resolve_yn": "perhaps"}')
 
@@ -66,8 +64,7 @@ class FakeOpenAI:
         self.requests_by_prompt: Counter[str] = Counter()
         self.request_params: list[dict[str, Any]] = []  # everything but the messages
         self.app = self._build_app()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
         self.port = 0
 
     @property
@@ -124,33 +121,13 @@ class FakeOpenAI:
         return app
 
     def __enter__(self) -> FakeOpenAI:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake OpenAI server did not start")
-            time.sleep(0.01)
+        self._server = LoopbackServer(self.app).start()
+        self.port = self._server.port
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._server is not None and self._thread is not None
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        assert self._server is not None
+        self._server.stop()
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -3,6 +3,7 @@ promotes and rolls back; a registered version loads back and reproduces the pred
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pandas as pd
@@ -11,7 +12,8 @@ import pytest
 import mlflow
 from pipelines.config import EvaluateConfig, TrainConfig, load_params
 from pipelines.data.records import read_jsonl
-from pipelines.eval import evaluate
+from pipelines.eval import evaluate, external
+from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model import train
 from pipelines.model.base import load_base
 from pipelines.model.generate import generate_sql
@@ -34,6 +36,11 @@ TRAIN = TrainConfig(
     precision="fp32",
     log_every=1,
     checkpoint_every=100,
+    dev_examples=0,
+    eval_every=100,
+    early_stopping_patience=0,
+    schema_augment=0.0,
+    schema_variants=0,
 )
 
 
@@ -105,12 +112,25 @@ def test_evaluate_writes_the_output_contract(
         assert m["by_domain"]["game"]["n"] == 10 and m["judge_accuracy"] is None
         assert set(m["by_difficulty"]) <= {"easy", "medium", "hard", "extra"}
         assert m["generation_tokens_per_s"] > 0
-    p.path("eval_metrics").write_text(json.dumps(metrics))
-    evaluate.log_to_mlflow(info["run_id"], metrics, rows, p.path("eval_metrics"))
+    paths = ReportPaths.under(tmp_path / "report")
+    write_report(paths, metrics, rows)
+    assert json.loads(paths.metrics.read_text()) == metrics
+    assert len(read_jsonl(paths.predictions)) == 20
+    with paths.breakdown.open() as f:
+        bars = list(csv.DictReader(f))
+    assert {(b["model"], b["group"]) for b in bars} >= {
+        ("base", "domain: game"),
+        ("tuned", "lang: ko"),
+    }
+    assert "judge was skipped" in paths.disagreements.read_text()
+    evaluate.log_to_mlflow(info["run_id"], metrics, rows, paths)
     run = mlflow.get_run(info["run_id"])
     assert "tuned_execution_accuracy" in run.data.metrics
+    assert run.data.metrics["judge_calls"] == 0
     table = mlflow.load_table("eval/predictions.json", run_ids=[info["run_id"]])
     assert len(table) == 20 and {"gold_sql", "pred_sql", "execution_match"} <= set(table.columns)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(info["run_id"], "eval")}
+    assert {"eval/breakdown.csv", "eval/disagreements.md", "eval/eval.json"} <= artifacts
 
 
 def test_gold_queries_score_perfectly(tiny_base_dir, prepared_dir):
@@ -170,3 +190,96 @@ def test_release_gate_promotion_rollback_and_reload(
     model, tok = load_base(tiny_base_dir, p3.path("adapter"))
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
     assert list(got) == generate_sql(model, tok, prompts, 4, 8).sql
+
+
+def test_lora_rank_experiment_table(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg):
+    from pipelines.model import experiment
+
+    p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
+    p = p.model_copy(update={"train": TRAIN.model_copy(update={"dev_examples": 1})})
+    variants = experiment.lora_rank_variants([2, 4])
+    md = experiment.run(p, "lora_rank", variants, steps=2, out_dir=tmp_path / "exp")
+    rows = json.loads((tmp_path / "exp" / "lora_rank.json").read_text())
+    assert [r["lora_r"] for r in rows] == [2, 4] and all(r["steps"] == 2 for r in rows)
+    assert all(0 <= r["execution_accuracy"] <= 1 and r["eval_loss"] > 0 for r in rows)
+    assert md.read_text().count("\n| ") == 3  # header + one line per rank
+    run = mlflow.get_run(rows[0]["run_id"])
+    assert run.data.tags["experiment"] == "lora_rank" and run.data.params["lora_r"] == "2"
+
+
+def _spider_dir(root):
+    """A Spider-format folder (dev.json + database/<db>/<db>.sqlite) with the fixture's game
+    questions, plus one example whose gold SQL does not execute."""
+    from tests.conftest import GAME_DDL, GAME_QA, GAME_ROWS, make_db
+
+    make_db(root / "database" / "arcade" / "arcade.sqlite", GAME_DDL, GAME_ROWS)
+    dev = [{"db_id": "arcade", "question": q, "query": sql} for q, sql, _, _ in GAME_QA]
+    dev.append({"db_id": "arcade", "question": "Broken gold?", "query": "SELECT nope FROM nowhere"})
+    (root / "dev.json").write_text(json.dumps(dev))
+    return root
+
+
+def test_sqlops_eval_scores_registered_and_base_models_on_a_spider_dir(
+    tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch
+):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
+    _train(p)
+    _fake_eval(p, base_ex=0.1, tuned_ex=0.5)
+    registry.release(p)
+    spider = _spider_dir(tmp_path / "spider")
+    out = tmp_path / "report"
+    specs = ["models:/text2sql@champion", "base"]
+    metrics = external.run(p, f"spider:{spider}", specs, out, max_examples=0)
+
+    assert metrics["n_examples"] == 10 and metrics["dataset"]["gold_errors"] == 1
+    assert list(metrics["models"]) == ["text2sql-champion", "base"]
+    assert metrics["models"]["text2sql-champion"]["version"] == 1
+    for label in metrics["models"]:
+        m = metrics[label]
+        assert 0 <= m["execution_accuracy"] <= 1 and m["by_domain"]["arcade"]["n"] == 10
+        assert m["generation_tokens_per_s"] > 0
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == 20 and {r["model"] for r in rows} == {"text2sql-champion", "base"}
+    assert all(r["id"].startswith("spider-dev-") for r in rows)
+    assert json.loads((out / "eval.json").read_text())["n_examples"] == 10
+    assert (out / "breakdown.csv").is_file() and (out / "databases" / "arcade.sqlite").is_file()
+    # The registered version generates what its adapter on the base model generates.
+    records = external.load_dataset(f"spider:{spider}", 0, p.seed, tmp_path / "dbs")[:10]
+    model, tok = load_base(tiny_base_dir, p.path("adapter"))
+    prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
+    expected = generate_sql(model, tok, prompts, 4, 8).sql
+    champion_rows = [r for r in rows if r["model"] == "text2sql-champion"]
+    assert [r["pred_sql"] for r in champion_rows] == expected
+    run = mlflow.search_runs(
+        filter_string="tags.eval_dataset LIKE 'spider:%'", output_format="list"
+    )
+    assert len(run) == 1 and "text2sql-champion_execution_accuracy" in run[0].data.metrics
+
+    with pytest.raises(ValueError, match="spider:<dir>"):
+        external.run(p, f"bird:{spider}", ["base"], out)
+    with pytest.raises(ValueError, match="no such registered model"):
+        external.run(p, f"spider:{spider}", ["models:/text2sql@nobody"], out)
+
+
+def test_sqlops_eval_cli_with_the_base_model(
+    tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch, capsys
+):
+    from pipelines import cli
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
+    monkeypatch.setattr(cli, "load_params", lambda: p)
+    spider = _spider_dir(tmp_path / "spider")
+    out = tmp_path / "out"
+    argv = ["eval", "--dataset", f"spider:{spider}", "--model", "base", "--max-examples", "3"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "eval.json").read_text())
+    n = metrics["n_examples"]
+    assert n + metrics["dataset"]["gold_errors"] == 3  # a seeded sample of 3, broken gold left out
+    assert f"{n} examples, judge skipped" in printed and f"report: {out}" in printed
+    assert metrics["base"]["by_domain"]["arcade"]["n"] == n
+    assert cli.main(["eval", "--dataset", "spider:/nonexistent", "--model", "base"]) == 1

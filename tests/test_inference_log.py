@@ -23,6 +23,7 @@ def test_record_feedback_window(tmp_path):
                 "question": "Top players",
                 "status": "guard_rejected",
                 "latency_ms": 5.0,
+                "feedback_verdict": "wrong",  # a column the first row lacks
             },
         ]
     )
@@ -33,6 +34,7 @@ def test_record_feedback_window(tmp_path):
     w = log.window(since=150.0, until=300.0)
     assert list(w["lang"]) == ["ko"]
     assert len(log.window()) == 3
+    assert log.window(since=300.0)["feedback_verdict"].tolist() == ["wrong"]
 
 
 def test_detect_lang():

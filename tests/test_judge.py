@@ -20,7 +20,13 @@ from pipelines.eval.judge import (
 from tests.fake_openai import FakeOpenAI, Faults, expected_verdict
 
 DDL = "CREATE TABLE players (player_id INTEGER PRIMARY KEY, username TEXT, level INTEGER);"
-LIMITS = dict(rpm_limit=None, tpm_limit=None, price_per_1k_in=0.0, price_per_1k_out=0.0)
+LIMITS = dict(
+    rpm_limit=None,
+    tpm_limit=None,
+    price_per_1k_in=0.0,
+    price_per_1k_out=0.0,
+    only_execution_failures=False,
+)
 CFG = JudgeConfig(model="fake-judge", max_concurrency=4, max_retries=5, timeout_s=2.0, **LIMITS)
 PRICED = CFG.model_copy(update={"price_per_1k_in": 10.0, "price_per_1k_out": 30.0})
 FAST = {"backoff_base_s": 0.001, "backoff_max_s": 0.01}

@@ -301,3 +301,32 @@ def test_built_database_skips_bad_tables(tmp_path: Path) -> None:
     assert n == 2
     with sqlite3.connect(tmp_path / "x.sqlite") as conn:
         assert [r[1] for r in conn.execute("PRAGMA table_info(a)")] == ["x"]
+
+
+def test_feedback_always_trains_even_from_a_held_out_domain(tmp_path: Path) -> None:
+    fb = tmp_path / "feedback"
+    make_db(fb / "databases" / "game.sqlite", GAME_DDL, GAME_ROWS)
+    write_jsonl(
+        fb / "feedback.jsonl",
+        [
+            {
+                "id": "feedback-1",
+                "db_id": "game",
+                "domain": "game",
+                "question": "Which player names start with the letter Z?",
+                "sql": "SELECT username FROM players WHERE username LIKE 'Z%'",
+                "source": "feedback",
+            }
+        ],
+    )
+    missing = SourceConfig(type="feedback", path=tmp_path / "none-yet")  # no feedback yet: fine
+    src = SourceConfig(type="feedback", path=fb)
+    prepare.run(
+        _cfg(SourceConfig(type="synthetic"), src, missing),
+        42,
+        _synthetic(tmp_path / "syn"),
+        tmp_path / "out",
+    )
+    train = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert [r["id"] for r in train if r["source"] == "feedback"] == ["feedback-1"]
+    assert all(r["domain"] == "game" for r in read_jsonl(tmp_path / "out" / "eval.jsonl"))

@@ -9,7 +9,7 @@ import torch
 
 import mlflow
 from pipelines.config import TrainConfig
-from pipelines.model import train
+from pipelines.model import batches, train
 from pipelines.model.base import load_base
 
 CFG = dict(
@@ -27,6 +27,11 @@ CFG = dict(
     precision="fp32",
     log_every=1,
     checkpoint_every=2,
+    dev_examples=1,
+    eval_every=2,
+    early_stopping_patience=0,
+    schema_augment=0.0,
+    schema_variants=0,
 )
 
 
@@ -38,17 +43,19 @@ def _run(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, **overrides):
 
 
 def test_collate_masks_the_prompt():
-    batch = train.collate([train.Example([5, 6, 7, 8], 3), train.Example([9, 10], 1)], pad_id=0)
+    batch = batches.collate(
+        [batches.Example([5, 6, 7, 8], 3), batches.Example([9, 10], 1)], pad_id=0
+    )
     assert batch["labels"].tolist() == [[-100, -100, -100, 8], [-100, 10, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert int(batch["prefix_len"]) == 0
 
 
 def test_shared_prefix_stops_before_the_last_prompt_token():
-    a, b = train.Example([1, 2, 3, 4, 9], 4), train.Example([1, 2, 3, 5, 6, 7], 5)
-    assert train.shared_prefix_len([a, b]) == 3
-    assert train.shared_prefix_len([a, train.Example([1, 2, 3, 4, 8], 4)]) == 3  # not 4
-    assert train.shared_prefix_len([a, train.Example([7, 2], 1)]) == 0
+    a, b = batches.Example([1, 2, 3, 4, 9], 4), batches.Example([1, 2, 3, 5, 6, 7], 5)
+    assert batches.shared_prefix_len([a, b]) == 3
+    assert batches.shared_prefix_len([a, batches.Example([1, 2, 3, 4, 8], 4)]) == 3  # not 4
+    assert batches.shared_prefix_len([a, batches.Example([7, 2], 1)]) == 0
 
 
 def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
@@ -62,8 +69,8 @@ def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
     model = get_peft_model(
         model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     )
-    examples, _, _ = train.tokenize(read_jsonl(prepared_dir / "train.jsonl"), tok, 512)
-    batch = train.collate(examples[:4], tok.pad_token_id)  # one database: a long shared prefix
+    examples, _, _ = batches.tokenize(read_jsonl(prepared_dir / "train.jsonl"), tok, 512)
+    batch = batches.collate(examples[:4], tok.pad_token_id)  # one database: a long shared prefix
     assert int(batch["prefix_len"]) > 50
     fast, n = train.completion_loss(model, batch)
     fast.backward()
@@ -79,10 +86,33 @@ def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, ref_grads, strict=True))
 
 
+def test_dev_split_is_seeded_disjoint_and_capped():
+    records = [{"id": i} for i in range(50)]
+    train_part, dev = batches.split_dev(records, 8, seed=3)
+    assert len(dev) == 5 and len(train_part) == 45  # capped at a tenth
+    assert {r["id"] for r in dev}.isdisjoint(r["id"] for r in train_part)
+    assert dev == batches.split_dev(records, 8, seed=3)[1]
+    assert batches.split_dev(records, 0, seed=3) == (records, [])
+
+
+@pytest.mark.parametrize(
+    "history, patience, stop",
+    [
+        ([1.0, 0.9, 0.8], 2, False),
+        ([1.0, 0.9, 0.95, 0.91], 2, True),
+        ([1.0, 0.9, 0.95, 0.85], 2, False),
+        ([1.0, 1.1, 1.2], 0, False),  # 0 = off
+        ([1.0], 1, False),
+    ],
+)
+def test_early_stopping(history, patience, stop):
+    assert train.should_stop(history, patience) is stop
+
+
 def test_batch_schedule_is_deterministic_and_one_database_per_batch():
     groups = ["shop", "game", "shop", "game", "shop", "game", "shop", "game"]
-    a = train.batch_schedule(groups, 4, 6, seed=1)
-    assert a == train.batch_schedule(groups, 4, 6, seed=1)
+    a = batches.batch_schedule(groups, 4, 6, seed=1)
+    assert a == batches.batch_schedule(groups, 4, 6, seed=1)
     assert len(a) == 6 and all(len(b) == 4 for b in a)
     assert all(len({groups[i] for i in b}) == 1 for b in a)
 
@@ -96,8 +126,10 @@ def test_train_writes_adapter_and_tracks_run(tmp_path, tiny_base_dir, prepared_d
     run = mlflow.get_run(info["run_id"])
     assert run.data.params["lora_r"] == "4"
     assert {"git_commit", "data_hash", "base_model", "base_model_hash"} <= set(run.data.tags)
-    losses = mlflow.tracking.MlflowClient().get_metric_history(info["run_id"], "train_loss")
-    assert [m.step for m in losses] == [1, 2, 3, 4]
+    client = mlflow.tracking.MlflowClient()
+    assert [m.step for m in client.get_metric_history(info["run_id"], "train_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(info["run_id"], "eval_loss")] == [2, 4]
+    assert run.data.params["n_dev"] == "1" and info["eval_loss"] > 0
     model, _ = load_base(tiny_base_dir, tmp_path / "adapter")
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -124,5 +156,6 @@ def test_interrupted_training_resumes(
     assert resumed["steps"] == 4
     assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4)
     assert resumed["loss_first_10"] == pytest.approx(ref_losses["loss_first_10"], rel=1e-4)
+    assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-4)
     history = mlflow.tracking.MlflowClient().get_metric_history(resumed["run_id"], "train_loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4]  # one run, curve continues

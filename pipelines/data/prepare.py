@@ -56,11 +56,13 @@ def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
 
 
 def assign_split(records: list[dict], cfg: DataConfig, seed: int) -> None:
-    """Set `split` on every record, in place."""
+    """Set `split` on every record, in place. Feedback from users always trains: it exists to
+    teach the model the traffic it gets wrong (the leakage guard still drops eval copies)."""
     if cfg.split == "held_out_domain":
         held_out = set(cfg.eval_domains)
         for r in records:
-            r["split"] = "eval" if r["domain"] in held_out else "train"
+            eval_domain = r["domain"] in held_out and r["source"] != "feedback"
+            r["split"] = "eval" if eval_domain else "train"
         missing = held_out - {r["domain"] for r in records}
         if missing:
             log.warning("eval domains with no examples: %s", ", ".join(sorted(missing)))
@@ -70,7 +72,7 @@ def assign_split(records: list[dict], cfg: DataConfig, seed: int) -> None:
     n_eval = round(len(records) * cfg.eval_fraction)
     eval_idx = set(order[:n_eval])
     for i, r in enumerate(records):
-        r["split"] = "eval" if i in eval_idx else "train"
+        r["split"] = "eval" if i in eval_idx and r["source"] != "feedback" else "train"
 
 
 def drop_leakage(records: list[dict]) -> tuple[list[dict], int]:

@@ -3,11 +3,14 @@
 A source is one entry of `data.sources` in params.yaml:
 
 - `synthetic`: the `synth` stage's `examples.jsonl` + `databases/<db_id>.sqlite`.
-- `jsonl` (and `feedback`): a JSONL or CSV file in the seed book's columns `db_id, context,
+- `jsonl`: a JSONL or CSV file in the seed book's columns `db_id, context,
   question, answer` (`sql`/`ddl` are accepted too), optionally `id, lang, difficulty, domain`.
   Extra keys: `databases` (folder of `<db_id>.sqlite`; without it, or for a db_id missing there,
   an empty database is built from the rows' DDL so the SQL can still be checked) and `domains`
   (db_id → domain name; else the `domain` column, else the db_id).
+- `feedback`: the folder `pipelines.monitoring.feedback` writes (`feedback.jsonl` of verified
+  corrections from the inference log + `databases/`), read like `jsonl`; absent or empty until
+  feedback arrives, which gives no records (so the source can be listed before then).
 - `spider`: a Spider folder (`dev.json` and/or `train_spider.json`, `database/<db>/<db>.sqlite`).
   `tables.json` is not needed: the DDL is read from each SQLite file.
 
@@ -250,11 +253,22 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
     return out
 
 
+def load_feedback(src: SourceConfig, synthetic_dir: Path) -> Imported:
+    if src.path is None:
+        raise ValueError("a `feedback` source needs `path` (the feedback folder)")
+    root = _resolve(src.path)
+    path = root if root.suffix in (".jsonl", ".csv") else root / "feedback.jsonl"
+    if not path.is_file():
+        log.info("feedback: no %s yet, no examples", path)
+        return Imported()
+    extra = {"databases": path.parent / "databases", **(src.model_extra or {})}
+    return load_jsonl(SourceConfig(type="feedback", path=path, **extra), synthetic_dir)
+
+
 IMPORTERS: dict[str, Callable[[SourceConfig, Path], Imported]] = {
     "synthetic": load_synthetic,
     "jsonl": load_jsonl,
-    # Feedback rows (question + corrected SQL) arrive as JSONL with the same columns.
-    "feedback": load_jsonl,
+    "feedback": load_feedback,
     "spider": load_spider,
 }
 

@@ -3,8 +3,11 @@
 For each model: batched greedy generation, then every predicted query is guarded and executed
 read-only against the example's database and compared with the gold result (execution
 accuracy), normalised and compared as text (exact match), and, when an OpenAI-compatible
-endpoint is configured, judged by an LLM. Writes `metrics/eval.json` (DVC metrics, output
-contract in DESIGN.md) and a predictions file, and logs both into the training's MLflow run.
+endpoint is configured, judged by an LLM (every example, or with
+`evaluate.judge.only_execution_failures` only those execution marks wrong). Writes the report
+(`pipelines.eval.report`: metrics/eval.json, predictions, the breakdown for DVC plots, the
+judge-vs-execution disagreements) and logs it into the training's MLflow run.
+`evaluate_models` is the scoring loop `sqlops eval` reuses for registered models and benchmarks.
 
 Run: `python -m pipelines.eval.evaluate` (dvc stage `evaluate`).
 """
@@ -14,16 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 import mlflow
 from pipelines import sql as sqlmod
-from pipelines.config import EvaluateConfig, load_params, setup_entry_point
-from pipelines.data.records import read_jsonl, write_jsonl
+from pipelines.config import EvaluateConfig, Params, load_params, setup_entry_point
+from pipelines.data.records import read_jsonl
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
-from pipelines.eval.metrics import score_example, summarize
+from pipelines.eval.metrics import disagreements, score_example, summarize
+from pipelines.eval.report import ReportPaths, model_names, write_report
 from pipelines.model.base import load_base
 from pipelines.model.generate import generate_sql
 from pipelines.model.prompt import build_prompt
@@ -74,8 +79,10 @@ def evaluate_model(
 def apply_judge(
     rows: list[dict], records: list[dict], cfg: EvaluateConfig, cache: Path
 ) -> JudgeReport:
-    """Adds `judge` (True/False/None) to each row; the report says whether it ran."""
+    """Adds `judge` (True/False/None) to each row; the report says whether it ran. With
+    `only_execution_failures`, rows that execute correctly are not sent (their `judge` is None)."""
     ddl = {r["id"]: r["ddl"] for r in records}
+    asked = [r for r in rows if not (cfg.judge.only_execution_failures and r["execution_match"])]
     items = [
         JudgeItem(
             f"{row['model']}:{row['id']}",
@@ -84,14 +91,63 @@ def apply_judge(
             row["gold_sql"],
             row["pred_sql"],
         )
-        for row in rows
+        for row in asked
     ]
     report = judge(items, cfg.judge, cache)
-    for row, item in zip(rows, items, strict=True):
+    for row in rows:
+        row["judge"] = None
+    for row, item in zip(asked, items, strict=True):
         row["judge"] = report.verdicts.get(item.id)
         if item.id in report.errors:
             row["judge_error"] = report.errors[item.id]
     return report
+
+
+def gold_results(records: list[dict], db_dir: Path, timeout_s: float) -> list[sqlmod.ExecResult]:
+    return [sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", r["sql"], timeout_s) for r in records]
+
+
+ModelLoader = Callable[[], tuple]  # () -> (model, tokenizer), called when the model's turn comes
+
+
+def evaluate_models(
+    models: dict[str, ModelLoader],
+    records: list[dict],
+    gold: list[sqlmod.ExecResult],
+    db_dir: Path,
+    cfg: EvaluateConfig,
+    seed: int,
+    judge_cache: Path,
+) -> tuple[dict, list[dict]]:
+    """Generate, score and judge every model on the same examples; one model in memory at a
+    time. Returns (metrics in the eval.json shape, one `M` block per model name; rows)."""
+    all_rows, speed = [], {}
+    for name, load in models.items():
+        model, tok = load()
+        rows, speed[name] = evaluate_model(model, tok, records, gold, db_dir, cfg)
+        all_rows += [{"model": name, **row} for row in rows]
+        del model
+    report = apply_judge(all_rows, records, cfg, judge_cache)
+    failures_only = cfg.judge.only_execution_failures
+    metrics = {
+        "n_examples": len(records),
+        "judge": {
+            "status": report.status,
+            "model": report.model,
+            "calls": report.calls,
+            "cost_usd": report.cost_usd,
+            "errors": len(report.errors),
+            "scope": "execution_failures" if failures_only else "all",
+            "asked": len(report.verdicts),  # examples put to the judge (cached ones included)
+            "cached": report.cached,
+            "prompt_tokens": report.prompt_tokens,
+            "completion_tokens": report.completion_tokens,
+        },
+    }
+    for name in models:
+        rows = [r for r in all_rows if r["model"] == name]
+        metrics[name] = summarize(rows, cfg.bootstrap_samples, seed, speed[name], failures_only)
+    return metrics, all_rows
 
 
 def run(
@@ -105,71 +161,76 @@ def run(
     """(metrics in the eval.json shape, prediction rows of both models)."""
     records = sample_eval(read_jsonl(prepared_dir / "eval.jsonl"), cfg.max_examples, seed)
     db_dir = prepared_dir / "databases"
-    gold = [
-        sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", r["sql"], cfg.sql_timeout_s)
-        for r in records
-    ]
+    gold = gold_results(records, db_dir, cfg.sql_timeout_s)
     broken = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
     if broken:
         raise ValueError(f"gold SQL fails to execute for {len(broken)} examples, e.g. {broken[:5]}")
-
-    all_rows, speed = [], {}
-    for name, adapter in (("base", None), ("tuned", adapter_dir)):
-        model, tok = load_base(base_dir, adapter)
-        rows, speed[name] = evaluate_model(model, tok, records, gold, db_dir, cfg)
-        all_rows += [{"model": name, **row} for row in rows]
-        del model
-    report = apply_judge(all_rows, records, cfg, judge_cache)
-    metrics = {
-        "n_examples": len(records),
-        "judge": {
-            "status": report.status,
-            "model": report.model,
-            "calls": report.calls,
-            "cost_usd": report.cost_usd,
-            "errors": len(report.errors),
-        },
+    models = {
+        "base": lambda: load_base(base_dir),
+        "tuned": lambda: load_base(base_dir, adapter_dir),
     }
-    for name in ("base", "tuned"):
-        rows = [r for r in all_rows if r["model"] == name]
-        metrics[name] = summarize(rows, cfg.bootstrap_samples, seed, speed[name])
-    return metrics, all_rows
+    return evaluate_models(models, records, gold, db_dir, cfg, seed, judge_cache)
 
 
-def log_to_mlflow(run_id: str, metrics: dict, rows: list[dict], metrics_path: Path) -> None:
-    """Eval figures, the eval.json file and a predictions table into the training's run."""
+PREDICTION_COLUMNS = [
+    "model",
+    "id",
+    "domain",
+    "lang",
+    "difficulty",
+    "question",
+    "gold_sql",
+    "pred_sql",
+    "valid",
+    "execution_match",
+    "exact_match",
+    "judge",
+]
+FLAT_METRICS = (
+    "execution_accuracy",
+    "execution_accuracy_nonempty",
+    "exact_match",
+    "valid_sql_rate",
+    "judge_accuracy",
+    "judge_execution_kappa",
+    "generation_tokens_per_s",
+)
+
+
+def log_report(metrics: dict, rows: list[dict], paths: ReportPaths) -> None:
+    """Figures, report files and the predictions/disagreements tables into the active run."""
+    flat = {"eval_n_examples": metrics["n_examples"]}
+    for name in model_names(metrics):
+        flat |= {f"{name}_{k}": v for k in FLAT_METRICS if (v := metrics[name][k]) is not None}
+        lo, hi = metrics[name]["execution_accuracy_ci95"]
+        flat |= {f"{name}_execution_accuracy_ci95_lo": lo, f"{name}_execution_accuracy_ci95_hi": hi}
+    judge_block = metrics["judge"]
+    for key in ("calls", "cost_usd", "prompt_tokens", "completion_tokens", "errors"):
+        flat[f"judge_{key}"] = judge_block.get(key, 0)
+    mlflow.log_metrics(flat)
+    for path in (paths.metrics, paths.breakdown, paths.disagreements):
+        mlflow.log_artifact(str(path), artifact_path="eval")
+    mlflow.log_table(pd.DataFrame(rows)[PREDICTION_COLUMNS], artifact_file="eval/predictions.json")
+    found = disagreements(rows)
+    if found:
+        table = pd.DataFrame(found)[["disagreement", *PREDICTION_COLUMNS]]
+        mlflow.log_table(table, artifact_file="eval/disagreements.json")
+
+
+def log_to_mlflow(run_id: str, metrics: dict, rows: list[dict], paths: ReportPaths) -> None:
+    """The report into the training's run (base vs tuned next to the training curves)."""
     with mlflow.start_run(run_id=run_id):
-        flat = {"eval_n_examples": metrics["n_examples"]}
-        for name in ("base", "tuned"):
-            m = metrics[name]
-            for key in (
-                "execution_accuracy",
-                "execution_accuracy_nonempty",
-                "exact_match",
-                "valid_sql_rate",
-                "judge_accuracy",
-                "judge_execution_kappa",
-                "generation_tokens_per_s",
-            ):
-                if m[key] is not None:
-                    flat[f"{name}_{key}"] = m[key]
-        mlflow.log_metrics(flat)
-        mlflow.log_artifact(str(metrics_path), artifact_path="eval")
-        columns = [
-            "model",
-            "id",
-            "domain",
-            "lang",
-            "difficulty",
-            "question",
-            "gold_sql",
-            "pred_sql",
-            "valid",
-            "execution_match",
-            "exact_match",
-            "judge",
-        ]
-        mlflow.log_table(pd.DataFrame(rows)[columns], artifact_file="eval/predictions.json")
+        log_report(metrics, rows, paths)
+
+
+def report_paths(p: Params) -> ReportPaths:
+    """Where the `evaluate` stage writes its report (params.yaml `paths:`)."""
+    return ReportPaths(
+        p.path("eval_metrics"),
+        p.path("predictions"),
+        p.path("eval_breakdown"),
+        p.path("eval_disagreements"),
+    )
 
 
 def main() -> None:
@@ -179,13 +240,11 @@ def main() -> None:
     metrics, rows = run(
         p.evaluate, p.seed, p.path("base_model"), adapter, p.path("prepared"), p.path("judge_cache")
     )
-    out = p.path("eval_metrics")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    write_jsonl(p.path("predictions"), rows)
+    paths = report_paths(p)
+    write_report(paths, metrics, rows)
     train_info = json.loads((adapter / "train_info.json").read_text())
     configure_mlflow(p.mlflow)
-    log_to_mlflow(train_info["run_id"], metrics, rows, out)
+    log_to_mlflow(train_info["run_id"], metrics, rows, paths)
     b, t = metrics["base"], metrics["tuned"]
     log.info(
         "execution accuracy on %d held-out examples: base %.1f%% -> tuned %.1f%% (judge: %s)",

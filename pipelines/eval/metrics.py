@@ -1,7 +1,8 @@
 """Pure metric functions for Text2SQL evaluation: per-example verdicts and their summaries.
 
 `score_example` decides valid / execution match / exact match for one prediction; `summarize`
-turns scored rows into the `M` block of metrics/eval.json (DESIGN.md, output contract).
+turns scored rows into the `M` block of metrics/eval.json (DESIGN.md, output contract), judge
+figures included; `disagreements` picks the rows where the judge and execution disagree.
 """
 
 from __future__ import annotations
@@ -67,23 +68,53 @@ def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
     return {k: {"execution_accuracy": _mean(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
-def summarize(rows: list[dict], bootstrap_samples: int, seed: int, tokens_per_s: float) -> dict:
+def judge_figures(rows: list[dict], failures_only: bool) -> tuple[float | None, float | None]:
+    """(judge accuracy, judge-vs-execution kappa) over the rows that have a verdict.
+
+    With `failures_only` the judge saw only the examples execution marks wrong: the ones that
+    execute correctly count as correct, and kappa is undefined (the judge never saw a match)."""
+    if failures_only:
+        decided = [r for r in rows if r["execution_match"] or r.get("judge") is not None]
+        if not any(r.get("judge") is not None for r in decided):
+            return None, None
+        return _mean([r["execution_match"] or r["judge"] for r in decided]), None
+    judged = [r for r in rows if r.get("judge") is not None]
+    if not judged:
+        return None, None
+    verdicts = [r["judge"] for r in judged]
+    return _mean(verdicts), cohen_kappa(verdicts, [r["execution_match"] for r in judged])
+
+
+def disagreements(rows: list[dict]) -> list[dict]:
+    """Rows where the judge and execution disagree, each with a `disagreement` label."""
+    out = []
+    for r in rows:
+        if r.get("judge") is None or r["judge"] == r["execution_match"]:
+            continue
+        kind = "judge yes, execution no" if r["judge"] else "judge no, execution yes"
+        out.append({"disagreement": kind, **r})
+    return out
+
+
+def summarize(
+    rows: list[dict],
+    bootstrap_samples: int,
+    seed: int,
+    tokens_per_s: float,
+    judged_failures_only: bool = False,
+) -> dict:
     """The metrics block of one model over its scored rows (fractions in [0, 1])."""
     ex = [r["execution_match"] for r in rows]
     nonempty = [r["execution_match"] for r in rows if r["gold_nonempty"]]
-    judged = [r for r in rows if r.get("judge") is not None]
+    judge_accuracy, kappa = judge_figures(rows, judged_failures_only)
     return {
         "execution_accuracy": _mean(ex),
         "execution_accuracy_nonempty": _mean(nonempty),
         "exact_match": _mean([r["exact_match"] for r in rows]),
         "valid_sql_rate": _mean([r["valid"] for r in rows]),
         "execution_accuracy_ci95": bootstrap_ci(ex, bootstrap_samples, seed),
-        "judge_accuracy": _mean([r["judge"] for r in judged]) if judged else None,
-        "judge_execution_kappa": cohen_kappa(
-            [r["judge"] for r in judged], [r["execution_match"] for r in judged]
-        )
-        if judged
-        else None,
+        "judge_accuracy": judge_accuracy,
+        "judge_execution_kappa": kappa,
         "by_domain": breakdown(rows, "domain"),
         "by_difficulty": breakdown(rows, "difficulty"),
         "by_lang": breakdown(rows, "lang"),

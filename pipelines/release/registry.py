@@ -207,3 +207,28 @@ def rollback(p: Params, to: int | None = None) -> tuple[int | None, int]:
         client.set_model_version_tag(name, str(current), "rolled_back_to", str(to))
     log.info("champion of %s: version %s -> %s", name, current, to)
     return current, to
+
+
+def list_versions(p: Params) -> list[dict]:
+    """Every version of the model with its aliases and lineage tags (the gateway's /v1/models)."""
+    configure_mlflow(p.mlflow)
+    client = MlflowClient()
+    name = p.registry.model_name
+    try:
+        # search_model_versions leaves `aliases` empty; the registered model maps them.
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        return []
+    out = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        out.append(
+            {
+                "name": name,
+                "version": int(mv.version),
+                "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                "lineage": dict(mv.tags),
+            }
+        )
+    return sorted(out, key=lambda v: v["version"])

@@ -87,14 +87,25 @@ class InferenceLog:
 
     def record_many(self, rows: list[dict]) -> None:
         """Bulk insert (backfills, tests, the demo's traffic)."""
+        full = []
         for row in rows:
-            row.setdefault("request_id", new_request_id())
-            row.setdefault("ts", time.time())
-            row.setdefault("lang", detect_lang(row.get("question", "")))
-            row.setdefault("executed", False)
-            row.setdefault("cache_hit", False)
+            unknown = set(row) - set(COLUMNS)
+            if unknown:
+                raise ValueError(f"unknown inference log columns: {sorted(unknown)}")
+            # executemany binds the first row's keys for all rows: give every row every column.
+            full.append(
+                {
+                    **dict.fromkeys(COLUMNS),
+                    "request_id": new_request_id(),
+                    "ts": time.time(),
+                    "lang": detect_lang(row.get("question", "")),
+                    "executed": False,
+                    "cache_hit": False,
+                    **row,
+                }
+            )
         with self.engine.begin() as conn:
-            conn.execute(requests.insert(), rows)
+            conn.execute(requests.insert(), full)
 
     def add_feedback(
         self, request_id: str, verdict: str | None = None, correct_sql: str | None = None

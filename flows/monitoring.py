@@ -1,0 +1,148 @@
+"""The monitoring flow: drift check → MLflow run + Prefect artifact → retrain decision → retrain.
+
+When `should_retrain()` says so, the flow exports the verified feedback corrections to the
+feedback data source and emits the Prefect event `sqlops.drift.detected`. Where a Prefect server
+holds the `training` deployment (served by `python -m flows.deployments`), that deployment's
+trigger starts the training flow; otherwise (ephemeral Prefect, no deployment) this flow runs
+the training flow itself, as a subflow.
+
+Run once: `python -m flows.monitoring [--hours N]`; scheduled: `python -m flows.deployments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from flows.training import training
+from pipelines.config import Params, load_params, setup_entry_point
+from pipelines.monitoring import drift, feedback, report
+from pipelines.monitoring.policy import DAY_S, should_retrain
+from pipelines.serving.inference_log import InferenceLog
+
+log = logging.getLogger(__name__)
+DRIFT_EVENT = "sqlops.drift.detected"
+TRAINING_DEPLOYMENT = "training/training"
+
+
+@task
+def check_drift(p: Params, now: float) -> drift.DriftResult:
+    return drift.run(
+        p.monitoring,
+        p.path("prepared") / "train.jsonl",
+        p.serving.inference_log_url,
+        p.path("monitoring"),
+        p.seed,
+        now,
+    )
+
+
+@task
+def decide(p: Params, result: drift.DriftResult, now: float) -> tuple[bool, list[str]]:
+    horizon = max(DAY_S, p.monitoring.cooldown_hours * 3600)
+    history = report.retrain_history(p.mlflow, now - horizon)
+    return should_retrain(result, now, history, p.monitoring)
+
+
+@task
+def publish(p: Params, result: drift.DriftResult, retrain: bool, reasons: list[str]) -> str:
+    run_id = report.log_check(p.mlflow, result, retrain, reasons)
+    create_markdown_artifact(
+        key="drift-check",
+        markdown=report.summary_markdown(result, retrain, reasons),
+        description=f"drift check, MLflow run {run_id}",
+    )
+    return run_id
+
+
+@task
+def export_feedback(p: Params) -> feedback.FeedbackExport:
+    return feedback.export(
+        InferenceLog(p.serving.inference_log_url).window(),
+        p.path("prepared") / "databases",
+        p.path("feedback"),
+        p.monitoring.feedback_sql_timeout_s,
+    )
+
+
+def training_deployed() -> bool:
+    """Whether a Prefect server holds the `training` deployment (then its trigger retrains)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(TRAINING_DEPLOYMENT)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+@flow(name="monitoring", log_prints=True)
+def monitoring(
+    window_hours: float | None = None, retrain: bool = True, now: float | None = None
+) -> dict:
+    """Check the last `window_hours` (default: params.yaml) of traffic ending at `now`
+    (default: the current time); retrain when the policy says so and `retrain` is on."""
+    logger = get_run_logger()
+    p = load_params()
+    if window_hours:
+        p = p.model_copy(
+            update={"monitoring": p.monitoring.model_copy(update={"window_hours": window_hours})}
+        )
+    now = time.time() if now is None else now
+    result = check_drift(p, now)
+    should, reasons = decide(p, result, now)
+    run_id = publish(p, result, should, reasons)
+    logger.info("drift: %s; retrain: %s (%s)", result.drifted_signals, should, "; ".join(reasons))
+    out = {
+        "drifted": result.drifted,
+        "drifted_signals": result.drifted_signals,
+        "should_retrain": should,
+        "reasons": reasons,
+        "mlflow_run_id": run_id,
+        "report": str(result.report_path) if result.report_path else None,
+        "retrain": None,
+    }
+    if not (should and retrain):
+        return out
+    exported = export_feedback(p)
+    emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"sqlops.monitoring.{run_id}"},
+        payload={
+            "drifted_signals": result.drifted_signals,
+            "reasons": reasons,
+            "n_current": result.n_current,
+            "feedback_examples": exported.n_verified,
+            "mlflow_run_id": run_id,
+        },
+    )
+    if training_deployed():
+        out["retrain"] = "event"  # the `training` deployment's trigger takes it from here
+    else:
+        state = training(return_state=True)
+        out["retrain"] = "subflow"
+        out["retrain_flow_run"] = str(state.state_details.flow_run_id)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_entry_point()
+    parser = argparse.ArgumentParser(description="run the monitoring flow once")
+    parser.add_argument("--hours", type=float, help="window length (default: params.yaml)")
+    parser.add_argument("--no-retrain", action="store_true", help="check and report only")
+    args = parser.parse_args(argv)
+    print(monitoring(window_hours=args.hours, retrain=not args.no_retrain))
+
+
+if __name__ == "__main__":
+    main()

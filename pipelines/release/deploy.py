@@ -1,0 +1,296 @@
+"""Deployment: put a registered adapter behind the gateway without restarting anything.
+
+deploy(p, version)  start vLLM on loopback if it is not running (`--enable-lora`, runtime LoRA
+                    updating on) → copy the version's adapter out of MLflow (once, immutable) →
+                    load it as `<model>-v<N>` via /v1/load_lora_adapter → route the gateway to it
+                    → smoke test (canary questions must give SQL that executes) → on failure the
+                    route and the `champion` alias return to the previous version by themselves
+                    → unload adapters beyond `serving.keep_adapters`.
+
+The vLLM admin API, the registry and the smoke-test service are arguments with real defaults,
+so tests run the whole sequence against a local stand-in. Called by `sqlops deploy|serve|
+rollback` and by flows/release.py; nothing here runs in DVC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from pipelines.config import ROOT, Params
+from pipelines.serving.backend import VLLMCompletions, vllm_url
+from pipelines.serving.gateway import Text2SQL
+from pipelines.serving.routing import Route, adapter_name, read_route, write_route
+from pipelines.serving.vllm_server import VLLMAdmin, ensure_vllm, start_background
+
+log = logging.getLogger(__name__)
+SMOKE_FAILURE_DB = "__forced_smoke_failure__"  # a canary that cannot pass (drills, tests)
+
+
+class Registry(Protocol):
+    def champion(self) -> int | None: ...
+    def set_champion(self, version: int) -> None: ...
+    def adapter_path(self, version: int) -> Path: ...
+
+
+class MlflowRegistry:
+    """The MLflow side: the champion alias and each version's adapter as a local folder."""
+
+    def __init__(self, p: Params):
+        from mlflow import MlflowClient
+        from pipelines.tracking import configure_mlflow
+
+        self.p = p
+        configure_mlflow(p.mlflow)
+        self.client = MlflowClient()
+
+    def champion(self) -> int | None:
+        from pipelines.release.registry import CHAMPION, current_version
+
+        return current_version(self.client, self.p.registry.model_name, CHAMPION)
+
+    def set_champion(self, version: int) -> None:
+        from pipelines.release.registry import rollback
+
+        rollback(self.p, to=version)
+
+    def adapter_path(self, version: int) -> Path:
+        """`<adapters_dir>/<model>-v<N>/`, copied out of the registered model once. A marker
+        names the version's source, so a folder left by another registry is never reused."""
+        import mlflow
+
+        name = self.p.registry.model_name
+        target = ROOT / self.p.serving.adapters_dir / adapter_name(name, version)
+        source = self.client.get_model_version(name, str(version)).source
+        marker = target / ".registered_source"
+        if marker.is_file() and marker.read_text() == source:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            uri = f"models:/{name}/{version}"
+            local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+            found = next(local.rglob("adapter_config.json"), None)
+            if found is None:
+                raise FileNotFoundError(f"{name} version {version} holds no LoRA adapter")
+            shutil.copytree(found.parent, target)
+        marker.write_text(source)
+        return target
+
+
+@dataclass
+class SmokeResult:
+    passed: bool
+    n_ok: int
+    n: int
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeployResult:
+    version: int
+    name: str
+    smoke: SmokeResult | None
+    rolled_back_to: int | None = None  # set when the smoke test failed and we went back
+    unloaded: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.smoke is None or self.smoke.passed
+
+
+def canaries(p: Params, n: int) -> list[dict]:
+    """`n` training questions, one database after another: schemas the model was tuned on, so
+    a correctly served adapter answers them with SQL that executes (deterministic)."""
+    by_db: dict[str, list[dict]] = {}
+    with (p.path("prepared") / "train.jsonl").open() as f:
+        for line in f:
+            rec = json.loads(line)
+            by_db.setdefault(rec["db_id"], []).append(
+                {"question": rec["question"], "db_id": rec["db_id"]}
+            )
+    rounds = zip(*by_db.values(), strict=False)
+    return [q for batch in rounds for q in batch][:n]
+
+
+def smoke_test(
+    service: Text2SQL, route: Route, questions: list[dict], min_pass: float
+) -> SmokeResult:
+    """Each canary through the gateway's own request path; passes when enough SQL executes."""
+
+    async def run() -> list:
+        return [
+            await service.answer(q["question"], q["db_id"], True, route, use_cache=False)
+            for q in questions
+        ]
+
+    answers = asyncio.run(run())
+    failures = [
+        f"{q['db_id']}: {q['question'][:60]!r} -> {a.row['status']}: {a.row.get('error')}"
+        for q, a in zip(questions, answers, strict=True)
+        if a.row["status"] != "ok"
+    ]
+    n_ok = len(questions) - len(failures)
+    passed = bool(questions) and n_ok >= min_pass * len(questions)
+    return SmokeResult(passed, n_ok, len(questions), failures)
+
+
+def prune(admin: VLLMAdmin, model_name: str, keep: int, routed: str) -> list[str]:
+    """Unload our adapters beyond the newest `keep` (the routed one always stays)."""
+    pattern = re.compile(rf"^{re.escape(model_name)}-v(\d+)$")
+    ours = sorted(
+        (n for n in admin.loaded() if pattern.match(n)),
+        key=lambda n: int(pattern.match(n).group(1)),
+        reverse=True,
+    )
+    kept = [routed] + [n for n in ours if n != routed][: max(keep - 1, 0)]
+    gone = [n for n in ours if n not in kept]
+    for n in gone:
+        admin.unload(n)
+    return gone
+
+
+def deploy(
+    p: Params,
+    version: int | None = None,
+    *,
+    admin: VLLMAdmin | None = None,
+    registry: Registry | None = None,
+    service: Text2SQL | None = None,
+    force_smoke_failure: bool = False,
+) -> DeployResult:
+    """Serve `version` (default: the champion); roll back by itself when the smoke test fails."""
+    cfg = p.serving
+    registry = registry or MlflowRegistry(p)
+    admin = admin or ensure_vllm(p)
+    version = version or registry.champion()
+    if version is None:
+        raise ValueError("no champion to deploy: run `sqlops release` first")
+    routing = ROOT / cfg.routing_file
+    name = adapter_name(p.registry.model_name, version)
+    previous = read_route(routing)
+    path = registry.adapter_path(version)
+    admin.load(name, path)
+    service = service or smoke_service(p)
+    questions = canaries(p, cfg.smoke_questions)
+    route = Route(name, version, time.time(), str(path))
+    # The first LoRA batch in a vLLM process is very slow: pay it before users are routed here.
+    smoke_test(service, route, questions[:1], 0.0)
+    write_route(routing, route)
+    log.info("routed the gateway to %s (was %s)", name, previous.model if previous else None)
+
+    if force_smoke_failure:
+        questions = [{"question": "forced smoke failure", "db_id": SMOKE_FAILURE_DB}]
+    smoke = smoke_test(service, route, questions, cfg.smoke_min_pass)
+    log.info("smoke test of %s: %d/%d canaries executed", name, smoke.n_ok, smoke.n)
+    result = DeployResult(version, name, smoke)
+    if not smoke.passed:
+        for failure in smoke.failures:
+            log.warning("smoke failure: %s", failure)
+        result.rolled_back_to = revert(p, admin, registry, routing, failed=route, to=previous)
+        return result
+    result.unloaded = prune(admin, p.registry.model_name, cfg.keep_adapters, name)
+    return result
+
+
+def revert(
+    p: Params,
+    admin: VLLMAdmin,
+    registry: Registry,
+    routing: Path,
+    failed: Route,
+    to: Route | None,
+) -> int | None:
+    """Route back to the previous adapter and move `champion` back with it."""
+    if to is None:
+        routing.unlink(missing_ok=True)  # nothing served before: the gateway answers 503
+        log.error("smoke test failed and there is no previous version to return to")
+        return None
+    if to.version == failed.version:
+        log.error("smoke test of the version already served failed; routing left as it was")
+        return None
+    path = registry.adapter_path(to.version)
+    admin.load(to.model, path)  # still loaded unless pruned
+    write_route(routing, Route(to.model, to.version, time.time(), str(path)))
+    if registry.champion() != to.version:
+        registry.set_champion(to.version)
+    admin.unload(failed.model)
+    log.warning("rolled back: serving %s again, champion v%d", to.model, to.version)
+    return to.version
+
+
+def route_to(p: Params, version: int, admin: VLLMAdmin, registry: Registry) -> Route:
+    """Serve `version` now (after `sqlops rollback` moved the alias): load it and route to it."""
+    name = adapter_name(p.registry.model_name, version)
+    path = registry.adapter_path(version)
+    admin.load(name, path)
+    route = Route(name, version, time.time(), str(path))
+    write_route(ROOT / p.serving.routing_file, route)
+    log.info("routed the gateway to %s", name)
+    return route
+
+
+def smoke_service(p: Params) -> Text2SQL:
+    """The gateway's request path with the base model's tokenizer, against the vLLM server."""
+    from transformers import AutoTokenizer
+
+    cfg = p.serving
+    tok = AutoTokenizer.from_pretrained(p.path("base_model"))
+    backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
+    return Text2SQL(
+        cfg.model_copy(update={"cache_size": 0}), p.path("prepared") / "databases", tok, backend
+    )
+
+
+def serve(p: Params, background: bool) -> int:
+    """vLLM (started if needed) with the routed adapter (the champion on first use) + gateway."""
+    import sys
+
+    cfg = p.serving
+    route = read_route(ROOT / cfg.routing_file)
+    registry = MlflowRegistry(p)
+    if route is None and registry.champion() is None:
+        raise ValueError("no champion to serve: run `sqlops release` first")
+    admin = ensure_vllm(p)
+    if route is None:
+        result = deploy(p, admin=admin, registry=registry)
+        if not result.ok:
+            log.error("the champion failed its smoke test; not starting the gateway")
+            return 1
+    elif route.model not in admin.loaded():  # vLLM was restarted: adapters are gone
+        if route.adapter_path:
+            admin.load(route.model, Path(route.adapter_path))
+        else:
+            route_to(p, route.version, admin, registry)
+    url = f"http://{cfg.host}:{cfg.gateway_port}"
+    if not background:
+        from pipelines.serving.gateway import main
+
+        main()
+        return 0
+    pid = start_background(
+        "gateway", [sys.executable, "-m", "pipelines.serving.gateway"], dict(os.environ)
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                print(f"gateway: {url} (pid {pid}, log .run/gateway.log); vLLM: {admin.root}")
+                print("stop both with: sqlops serve --stop (or make serve-stop)")
+                return 0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    log.error("gateway not healthy after 120 s; see .run/gateway.log")
+    return 1

@@ -1,0 +1,105 @@
+"""The model server behind the gateway: vLLM's OpenAI completions API.
+
+`VLLMCompletions.complete(model, prompt)` sends the already chat-formatted prompt (greedy, up to
+`serving.max_new_tokens`) and turns every way the server can fail into `BackendUnavailable`
+with the reason, which the gateway answers as a 503. An adapter missing after a vLLM restart is
+loaded again from the path the routing file names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+
+import httpx
+import openai
+
+from pipelines.config import ServingConfig
+
+log = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """vLLM cannot answer (down, timed out, adapter not loaded); the message says why."""
+
+
+def vllm_url(cfg: ServingConfig) -> str:
+    return os.environ.get("SQLOPS_VLLM_URL") or f"http://{cfg.host}:{cfg.vllm_port}/v1"
+
+
+class VLLMCompletions:
+    """The OpenAI completions API of a vLLM server (the prompt is already chat-formatted)."""
+
+    def __init__(self, base_url: str, timeout_s: float, max_new_tokens: int):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s, self.max_new_tokens = timeout_s, max_new_tokens
+        # One client per event loop: its connection pool belongs to the loop that made it (the
+        # app's loop, and the deployment smoke test's own `asyncio.run`).
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        if loop not in self._clients:
+            # No client retries: a down server must turn into a fast 503, not a long hang.
+            self._clients[loop] = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=os.environ.get("SQLOPS_VLLM_API_KEY", "EMPTY"),
+                timeout=self.timeout_s,
+                max_retries=0,
+            )
+        return self._clients[loop]
+
+    async def complete(self, model: str, prompt: str, adapter_path: str | None = None) -> str:
+        """Greedy completion; a routed adapter missing from vLLM (restarted since the deploy)
+        is loaded again from `adapter_path` once, then the request is retried."""
+        try:
+            return await self._complete(model, prompt)
+        except openai.NotFoundError as e:
+            if adapter_path is None:
+                raise BackendUnavailable(f"model {model} is not loaded on the model server") from e
+            await self._reload(model, adapter_path)
+            return await self._complete(model, prompt)
+
+    async def _reload(self, model: str, adapter_path: str) -> None:
+        root = self.base_url.removesuffix("/v1")
+        body = {"lora_name": model, "lora_path": adapter_path}
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s) as c:
+                r = await c.post(f"{root}/v1/load_lora_adapter", json=body)
+        except httpx.HTTPError as e:
+            raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
+        if r.status_code != 200 and "already" not in r.text:
+            raise BackendUnavailable(
+                f"model {model} is not loaded and reloading it failed: {r.text}"
+            )
+        log.warning("reloaded adapter %s into the model server", model)
+
+    async def _complete(self, model: str, prompt: str) -> str:
+        try:
+            r = await self._client().completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=self.max_new_tokens,
+                temperature=0.0,
+                stop=[";"],
+            )
+        except openai.APITimeoutError as e:
+            raise BackendUnavailable(f"model server timed out: {e}") from e
+        except openai.APIConnectionError as e:
+            raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
+        except openai.NotFoundError:
+            raise
+        except openai.APIStatusError as e:
+            raise BackendUnavailable(f"model server error {e.status_code}: {e.message}") from e
+        return r.choices[0].text if r.choices else ""
+
+    async def health(self) -> str | None:
+        """None when the server answers, else the reason."""
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as c:
+                (await c.get(f"{self.base_url}/models")).raise_for_status()
+        except httpx.HTTPError as e:
+            return f"model server unreachable at {self.base_url}: {type(e).__name__}"
+        return None

@@ -1,0 +1,206 @@
+"""Bounded load on loopback: the gateway vs vLLM directly (same run), and a hot swap under load.
+
+python -m pipelines.serving.loadtest [--requests N] [--concurrency C] [--swaps S]
+
+Needs `sqlops serve` (vLLM + gateway) running. Writes reports/bench/gateway.json (DESIGN.md's
+output contract: metric = seconds per request, so ratio = direct / via-gateway throughput) and
+reports/hot_swap.json `{"requests", "failed", "swaps"}`. Questions are the eval split's, each
+sent once per pass, so the gateway's response cache never answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from pipelines.config import ROOT, Params, load_params, setup_entry_point
+from pipelines.model.prompt import build_prompt
+from pipelines.serving.backend import vllm_url
+from pipelines.serving.routing import Route, read_route, write_route
+from pipelines.sql import ddl_of
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def run_load(send: Callable[[int], bool], n: int, concurrency: int) -> dict:
+    """`n` calls of `send(i)` (True = success) from `concurrency` threads; latency figures."""
+    latencies: list[float] = []
+    errors = 0
+
+    def one(i: int) -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        ok = send(i)
+        latencies.append(time.perf_counter() - start)
+        errors += not ok
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    seconds = time.perf_counter() - start
+    return {
+        "requests": n,
+        "errors": errors,
+        "seconds": round(seconds, 3),
+        "throughput_rps": round(n / seconds, 3),
+        "p50_ms": round(1000 * percentile(latencies, 0.5), 1),
+        "p95_ms": round(1000 * percentile(latencies, 0.95), 1),
+        "mean_ms": round(1000 * statistics.fmean(latencies), 1),
+    }
+
+
+def merge(runs: list[dict]) -> dict:
+    """Passes of `run_load` as one: totals, and latency figures averaged over the passes."""
+    n, seconds = sum(r["requests"] for r in runs), sum(r["seconds"] for r in runs)
+    out = {"requests": n, "errors": sum(r["errors"] for r in runs), "seconds": round(seconds, 3)}
+    out["throughput_rps"] = round(n / seconds, 3)
+    for key in ("p50_ms", "p95_ms", "mean_ms"):
+        out[key] = round(statistics.fmean(r[key] for r in runs), 1)
+    return out
+
+
+def eval_questions(p: Params, n: int) -> list[dict]:
+    with (p.path("prepared") / "eval.jsonl").open() as f:
+        records = [json.loads(line) for line, _ in zip(f, range(n), strict=False)]
+    return [{"question": r["question"], "db_id": r["db_id"]} for r in records]
+
+
+def bench(p: Params, n: int, concurrency: int) -> dict:
+    """Gateway vs direct over the same `2n` eval questions: a warm-up pass fills vLLM's prefix
+    cache, then ABBA order (gateway, direct on the first half; direct, gateway on the second),
+    so drift in machine load hits both sides alike and the gateway's cache never answers."""
+    from transformers import AutoTokenizer
+
+    cfg = p.serving
+    route = read_route(ROOT / cfg.routing_file)
+    if route is None:
+        raise RuntimeError("nothing is deployed: run `sqlops serve` first")
+    gateway = f"http://{cfg.host}:{cfg.gateway_port}"
+    tok = AutoTokenizer.from_pretrained(p.path("base_model"))
+    questions = eval_questions(p, 2 * n)
+    dbs = p.path("prepared") / "databases"
+    ddl = {q["db_id"]: ddl_of(dbs / f"{q['db_id']}.sqlite") for q in questions}
+    prompts = [build_prompt(ddl[q["db_id"]], q["question"], tok) for q in questions]
+    http = httpx.Client(timeout=cfg.request_timeout_s * 2, limits=httpx.Limits(max_connections=64))
+
+    def direct(i: int) -> bool:
+        body = {"model": route.model, "prompt": prompts[i], "max_tokens": cfg.max_new_tokens,
+                "temperature": 0.0, "stop": [";"]}  # fmt: skip
+        return http.post(f"{vllm_url(cfg)}/completions", json=body).status_code == 200
+
+    overhead_ms: list[float] = []  # gateway's own time per request: latency - time on vLLM
+
+    def via_gateway(i: int) -> bool:
+        r = http.post(f"{gateway}/v1/sql", json=questions[i])
+        body = r.json()
+        if "upstream_ms" in body:
+            overhead_ms.append(body["latency_ms"] - body["upstream_ms"])
+        return r.status_code in (200, 422)
+
+    run_load(direct, 2 * n, concurrency)  # warm-up
+
+    def second_half(send: Callable[[int], bool]) -> Callable[[int], bool]:
+        return lambda i: send(i + n)
+
+    gw = [run_load(via_gateway, n, concurrency)]
+    dr = [run_load(direct, n, concurrency), run_load(second_half(direct), n, concurrency)]
+    gw.append(run_load(second_half(via_gateway), n, concurrency))
+    gw, dr = merge(gw), merge(dr)
+    return {
+        "metric": "seconds_per_request",
+        "unit": "s",
+        "sqlops": round(gw["seconds"] / gw["requests"], 4),
+        "baseline": round(dr["seconds"] / dr["requests"], 4),
+        "baseline_name": "vLLM OpenAI completions API called directly",
+        "ratio": round(gw["seconds"] / dr["seconds"], 4),
+        "setup": {
+            "requests": 2 * n,
+            "order": "warm-up (direct), gateway, direct, direct, gateway",
+            "concurrency": concurrency,
+            "model": route.model,
+            "gateway": gw,
+            "direct": dr,
+            "gateway_overhead_ms_p50": round(percentile(overhead_ms, 0.5), 2),
+            "gateway_overhead_ms_p95": round(percentile(overhead_ms, 0.95), 2),
+            "note": "ratio = direct / via-gateway throughput; gateway requests without execute; "
+            "overhead = gateway latency minus its time waiting on vLLM, in process",
+        },
+    }
+
+
+def hot_swap(p: Params, n: int, concurrency: int, swaps: int) -> dict:
+    """Load through the gateway while the route flips between the served adapter and a second
+    copy of it under another name (loaded at runtime): no request may fail. Over `n` questions
+    after the bench's `2n`."""
+    from pipelines.serving.vllm_server import VLLMAdmin
+
+    cfg = p.serving
+    routing = ROOT / cfg.routing_file
+    route = read_route(routing)
+    admin = VLLMAdmin(vllm_url(cfg))
+    models = admin.http.get(f"{admin.root}/v1/models").json()["data"]
+    path = next(m["root"] for m in models if m["id"] == route.model)
+    other = Route(f"{route.model}-swapcheck", route.version)
+    admin.load(other.model, Path(path))
+    gateway = f"http://{cfg.host}:{cfg.gateway_port}"
+    questions = eval_questions(p, 3 * n)[2 * n :]  # not the bench's: no response-cache hits
+    served: list[str] = []
+    http = httpx.Client(timeout=cfg.request_timeout_s * 2)
+
+    def send(i: int) -> bool:
+        r = http.post(f"{gateway}/v1/sql", json=questions[i])
+        served.append(r.json().get("model_version"))
+        return r.status_code in (200, 422)
+
+    done, result = threading.Event(), {}
+    worker = threading.Thread(
+        target=lambda: (result.update(run_load(send, n, concurrency)), done.set())
+    )
+    worker.start()
+    made, every = 0, max(n // (swaps + 1), 1)  # swaps spread over the run, by progress
+    try:
+        while not done.wait(timeout=0.2):
+            if made < swaps and len(served) >= (made + 1) * every:
+                write_route(routing, [other, route][made % 2])
+                made += 1
+        worker.join()
+    finally:
+        write_route(routing, route)
+        admin.unload(other.model)
+    by_name = {name: served.count(name) for name in sorted(set(served), key=str)}
+    return {"requests": n, "failed": result["errors"], "swaps": made, "served": by_name}
+
+
+def main() -> None:
+    setup_entry_point()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--swaps", type=int, default=6)
+    args = ap.parse_args()
+    p = load_params()
+    out = ROOT / "reports"
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    b = bench(p, args.requests, args.concurrency)
+    (out / "bench" / "gateway.json").write_text(json.dumps(b, indent=2) + "\n")
+    print(json.dumps(b, indent=2))
+    h = hot_swap(p, args.requests, args.concurrency, args.swaps)
+    (out / "hot_swap.json").write_text(json.dumps(h, indent=2) + "\n")
+    print(json.dumps(h, indent=2))
+
+
+if __name__ == "__main__":
+    main()

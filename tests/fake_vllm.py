@@ -1,0 +1,122 @@
+"""A stand-in for vLLM's OpenAI server on 127.0.0.1, for fast gateway and deployment tests.
+
+It speaks the parts of vLLM's API the product uses: `POST /v1/completions` (only for loaded
+adapters, 404 otherwise, as vLLM does), `GET /v1/models`, `POST /v1/load_lora_adapter`,
+`POST /v1/unload_lora_adapter`, `GET /health`. The completion is looked up by the prompt's
+question in `answers` (the tests' oracle); `stop()` / `start()` on the same port simulate vLLM
+going down and coming back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from tests.loopback import LoopbackServer
+
+_QUESTION = re.compile(r"### Question:\n(.*?)(?:\n|$)", re.S)
+
+
+class FakeVLLM:
+    def __init__(self, answers: dict[str, str] | None = None, base: str = "base"):
+        self.answers = answers or {}  # question -> completion text
+        self.base = base
+        self.adapters: dict[str, str] = {}  # loaded name -> path
+        self.calls: Counter[str] = Counter()  # completions served, by model
+        self.delay_s = 0.0  # added to every completion (load tests)
+        self.fail_for: set[str] = set()  # models whose completions return 500
+        self.port = 0
+        self._server: LoopbackServer | None = None
+        self.app = self._build_app()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> PlainTextResponse:
+            return PlainTextResponse("")
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            data = [{"id": self.base, "object": "model", "root": self.base, "parent": None}]
+            data += [
+                {"id": n, "object": "model", "root": p, "parent": self.base}
+                for n, p in self.adapters.items()
+            ]
+            return {"object": "list", "data": data}
+
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request):
+            body = await request.json()
+            name = body["lora_name"]
+            if name in self.adapters:
+                return _error(400, f"The lora adapter '{name}' has already been loaded.")
+            self.adapters[name] = body["lora_path"]
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request):
+            name = (await request.json())["lora_name"]
+            if self.adapters.pop(name, None) is None:
+                return _error(404, f"The lora adapter '{name}' cannot be found.")
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            import asyncio
+
+            body = await request.json()
+            model = body["model"]
+            if model != self.base and model not in self.adapters:
+                return _error(404, f"The model `{model}` does not exist.")
+            if model in self.fail_for:
+                return _error(500, "internal error")
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            m = _QUESTION.search(body["prompt"])
+            question = m.group(1).strip() if m else ""
+            self.calls[model] += 1
+            text = self.answers.get(question, "SELECT 1")
+            return {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+
+        return app
+
+    def start(self) -> FakeVLLM:
+        self._server = LoopbackServer(self.app, self.port).start()  # same port after a stop
+        self.port = self._server.port
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> FakeVLLM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": "BadRequestError", "code": status}}
+    return JSONResponse(body, status_code=status)
