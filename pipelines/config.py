@@ -117,6 +117,10 @@ class EvaluateConfig(_Block):
 class RegistryConfig(_Block):
     model_name: str  # registered model in MLflow
     min_delta: float  # challenger must beat the champion by more than this
+    bootstrap_samples: int  # resamples of the paired bootstrap on per-example verdicts
+    domain_tolerance: float  # largest execution-accuracy drop allowed in any one domain
+    min_valid_sql_rate: float  # share of predictions that must parse and execute
+    judge_tolerance: float  # largest judge-accuracy drop allowed (when judged)
 
 
 class ServingConfig(_Block):

@@ -261,6 +261,17 @@ def test_spider_directory(tmp_path: Path) -> None:
     assert stats["removed"]["duplicates_exact"] == 1
 
 
+@pytest.mark.slow
+def test_spider_import_passes_the_data_contract(tmp_path: Path) -> None:
+    from pipelines.data import validate
+    from tests.test_validate import CFG
+
+    test_spider_directory(tmp_path)  # writes the Spider folder and prepares it into out/
+    result = validate.run(CFG, tmp_path / "out", tmp_path / "report")
+    assert result.success and not result.failed
+    assert json.loads(result.summary_path.read_text())["n_by_split"]["eval"] == 2
+
+
 @pytest.mark.parametrize(
     ("sql", "expected"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines.config import RegistryConfig
 from pipelines.eval import metrics
 from pipelines.model.prompt import INSTRUCTION, build_completion, build_prompt
 from pipelines.release.gate import should_promote
@@ -29,6 +30,16 @@ def test_prompt_uses_the_chat_template(tiny_base_dir):
 M = {"execution_accuracy": 0.5}
 
 
+GATE = RegistryConfig(
+    model_name="text2sql",
+    min_delta=0.0,
+    bootstrap_samples=500,
+    domain_tolerance=0.05,
+    min_valid_sql_rate=0.3,
+    judge_tolerance=0.02,
+)
+
+
 @pytest.mark.parametrize(
     ("challenger", "champion", "base", "promote"),
     [
@@ -43,13 +54,52 @@ def test_should_promote(challenger, champion, base, promote):
     def m(x):
         return None if x is None else {"execution_accuracy": x}
 
-    decision = should_promote(m(challenger), m(champion), m(base), min_delta=0.0)
+    decision = should_promote(m(challenger), m(champion), m(base), GATE)
     assert decision.promote is promote and decision.reasons
 
 
 def test_min_delta_is_respected():
-    d = should_promote({"execution_accuracy": 0.52}, M, M, min_delta=0.05)
+    d = should_promote(
+        {"execution_accuracy": 0.52}, M, M, GATE.model_copy(update={"min_delta": 0.05})
+    )
     assert not d.promote and "min_delta 0.05" in d.reasons[0]
+
+
+def test_paired_bootstrap_needs_a_gain_beyond_luck():
+    # +2 points on 100 examples: 3 wins, 1 loss. Higher on average, but not reliably.
+    ref = [True] * 40 + [False] * 60
+    lucky = ref[:]
+    lucky[40:43] = [True] * 3
+    lucky[0] = False
+    d = should_promote(
+        {"execution_accuracy": 0.42}, {"execution_accuracy": 0.40}, M, GATE, paired=(lucky, ref)
+    )
+    assert not d.promote and any("lower bound" in r for r in d.reasons)
+    clear = [True] * 60 + [False] * 40  # +20 points, never worse
+    d = should_promote(
+        {"execution_accuracy": 0.60}, {"execution_accuracy": 0.40}, M, GATE, paired=(clear, ref)
+    )
+    assert d.promote
+
+
+def test_domain_regression_valid_sql_floor_and_judge():
+    champ = {
+        "execution_accuracy": 0.5,
+        "by_domain": {"game": {"execution_accuracy": 0.5}, "shop": {"execution_accuracy": 0.5}},
+        "judge_accuracy": 0.6,
+    }
+    good = {
+        "execution_accuracy": 0.6,
+        "valid_sql_rate": 0.9,
+        "judge_accuracy": 0.6,
+        "by_domain": {"game": {"execution_accuracy": 0.75}, "shop": {"execution_accuracy": 0.46}},
+    }
+    assert should_promote(good, champ, M, GATE).promote
+    worse_shop = {**good, "by_domain": {**good["by_domain"], "shop": {"execution_accuracy": 0.3}}}
+    d = should_promote(worse_shop, champ, M, GATE)
+    assert not d.promote and any(r.startswith("domain shop regresses") for r in d.reasons)
+    assert not should_promote({**good, "valid_sql_rate": 0.2}, champ, M, GATE).promote
+    assert not should_promote({**good, "judge_accuracy": 0.5}, champ, M, GATE).promote
 
 
 def test_score_example():

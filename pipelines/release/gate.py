@@ -1,12 +1,24 @@
 """The promotion decision: a pure function of the challenger's, champion's and base metrics.
 
-Inputs are `M` blocks of metrics/eval.json. The first model is promoted when it beats the base
-model; later ones when they beat the current champion by more than `min_delta`.
+Inputs are `M` blocks of metrics/eval.json (and, for the paired test, per-example execution
+verdicts on the same examples). The first model is measured against the base model, later ones
+against the current champion. Every check adds a reason; all must pass:
+
+- execution accuracy beats the reference by more than `min_delta`;
+- the paired bootstrap 95% lower bound of that gain is above 0 (when both were scored on the
+  same examples), so a lucky draw of the eval sample does not promote;
+- no domain loses more than `domain_tolerance` of execution accuracy;
+- the valid-SQL rate is at least `min_valid_sql_rate`;
+- judge accuracy, when both have one, is not worse by more than `judge_tolerance`.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from pipelines.config import RegistryConfig
 
 
 @dataclass
@@ -19,18 +31,82 @@ class Decision:
         return f"**Decision: {verdict}**\n\n" + "\n".join(f"- {r}" for r in self.reasons) + "\n"
 
 
+def paired_bootstrap_lower(
+    challenger: Sequence[bool], reference: Sequence[bool], samples: int, seed: int
+) -> float:
+    """2.5th percentile of the mean per-example gain (challenger - reference) over resamples."""
+    diffs = [int(a) - int(b) for a, b in zip(challenger, reference, strict=True)]
+    if not diffs:
+        return 0.0
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return means[int(0.025 * (samples - 1))]
+
+
 def should_promote(
-    challenger: dict, champion: dict | None, base: dict, min_delta: float
+    challenger: dict,
+    champion: dict | None,
+    base: dict,
+    cfg: RegistryConfig,
+    paired: tuple[Sequence[bool], Sequence[bool]] | None = None,
+    seed: int = 0,
 ) -> Decision:
-    ex = challenger["execution_accuracy"]
-    if champion is None:
-        ref, ref_name = base["execution_accuracy"], "base model"
-    else:
-        ref, ref_name = champion["execution_accuracy"], "champion"
-    delta = ex - ref
-    ok = delta > min_delta
-    reason = (
-        f"execution accuracy {ex:.3f} vs {ref_name} {ref:.3f}: "
-        f"{'+' if delta >= 0 else ''}{delta:.3f} ({'>' if ok else '<='} min_delta {min_delta})"
+    """`paired`: (challenger, reference) execution verdicts on the same examples, or None when
+    they were not scored on the same examples (the bootstrap check is then skipped)."""
+    ref, ref_name = (base, "base model") if champion is None else (champion, "champion")
+    checks: list[tuple[bool, str]] = []
+
+    ex, ref_ex = challenger["execution_accuracy"], ref["execution_accuracy"]
+    delta = ex - ref_ex
+    ok = delta > cfg.min_delta
+    checks.append(
+        (
+            ok,
+            f"execution accuracy {ex:.3f} vs {ref_name} {ref_ex:.3f}: {delta:+.3f} "
+            f"({'>' if ok else '<='} min_delta {cfg.min_delta})",
+        )
     )
-    return Decision(ok, [reason])
+    if paired is not None and len(paired[0]):
+        lower = paired_bootstrap_lower(*paired, cfg.bootstrap_samples, seed)
+        checks.append(
+            (
+                lower > 0,
+                f"paired bootstrap on {len(paired[0])} examples: 95% lower bound of the gain "
+                f"{lower:+.3f} ({'>' if lower > 0 else '<='} 0)",
+            )
+        )
+    else:
+        checks.append(
+            (True, f"paired bootstrap skipped: not scored on the same examples as the {ref_name}")
+        )
+
+    ref_domains = ref.get("by_domain") or {}
+    for domain, m in sorted((challenger.get("by_domain") or {}).items()):
+        if domain in ref_domains:
+            drop = ref_domains[domain]["execution_accuracy"] - m["execution_accuracy"]
+            if drop > cfg.domain_tolerance:
+                checks.append(
+                    (False, f"domain {domain} regresses by {drop:.3f} (> {cfg.domain_tolerance})")
+                )
+    if not any(r.startswith("domain ") for _, r in checks):
+        checks.append((True, f"no domain regresses by more than {cfg.domain_tolerance}"))
+
+    valid = challenger.get("valid_sql_rate")
+    if valid is not None:
+        ok = valid >= cfg.min_valid_sql_rate
+        checks.append(
+            (ok, f"valid SQL rate {valid:.3f} ({'>=' if ok else '<'} {cfg.min_valid_sql_rate})")
+        )
+
+    judge, ref_judge = challenger.get("judge_accuracy"), ref.get("judge_accuracy")
+    if judge is not None and ref_judge is not None:
+        ok = judge >= ref_judge - cfg.judge_tolerance
+        checks.append(
+            (
+                ok,
+                f"judge accuracy {judge:.3f} vs {ref_name} {ref_judge:.3f} "
+                f"(tolerance {cfg.judge_tolerance})",
+            )
+        )
+    return Decision(all(ok for ok, _ in checks), [r for _, r in checks])

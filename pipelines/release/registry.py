@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 import mlflow
 from mlflow import MlflowClient
 from pipelines.config import ROOT, Params
+from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, content_hash
 from pipelines.release.gate import Decision, should_promote
 from pipelines.tracking import configure_mlflow
@@ -47,7 +48,7 @@ class Text2SQLModel(mlflow.pyfunc.PythonModel):
                 f"this version was trained on {cfg['base_model_hash'][:12]}"
             )
         self.model, self.tok = load_base(base_dir, Path(context.artifacts["adapter"]))
-        self.batch_size, self.max_new_tokens = cfg["batch_size"], cfg["max_new_tokens"]
+        self.batch_size, self.max_new_tokens = cfg["generation_batch_size"], cfg["max_new_tokens"]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         from pipelines.model.generate import generate_sql
@@ -92,7 +93,7 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
         "base_model_path": str(p.path("base_model")),
         "base_model_id": base["id"],
         "base_model_hash": base["weights_sha256"],
-        "batch_size": p.evaluate.batch_size,
+        "generation_batch_size": p.evaluate.batch_size,  # not `batch_size`: a training param
         "max_new_tokens": p.evaluate.max_new_tokens,
     }
     example = pd.DataFrame(
@@ -113,6 +114,7 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
             registered_model_name=name,
         )
         mlflow.log_dict(metrics, "eval/eval.json")
+        mlflow.log_dict(outcomes(p.path("predictions")), "eval/outcomes.json")
     version = int(info.registered_model_version)
     tags = {
         "git_commit": mlflow.get_run(train_info["run_id"]).data.tags.get("git_commit", "unknown"),
@@ -137,6 +139,38 @@ def version_metrics(client: MlflowClient, name: str, version: int) -> dict:
             run_id=mv.run_id, artifact_path="eval/eval.json", dst_path=tmp
         )
         return json.loads(Path(path).read_text())
+
+
+def outcomes(predictions: Path) -> dict[str, dict[str, bool]]:
+    """Per-example execution verdicts by model ("base", "tuned") and example id: what the
+    paired test of the gate compares."""
+    out: dict[str, dict[str, bool]] = {}
+    for row in read_jsonl(predictions):
+        out.setdefault(row["model"], {})[row["id"]] = bool(row["execution_match"])
+    return out
+
+
+def version_outcomes(client: MlflowClient, name: str, version: int) -> dict | None:
+    """The verdicts a version was registered with (None for versions registered without)."""
+    mv = client.get_model_version(name, str(version))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="eval/outcomes.json", dst_path=tmp
+            )
+            return json.loads(Path(path).read_text())
+    except (MlflowException, OSError):
+        return None
+
+
+def paired_verdicts(
+    challenger: dict[str, bool], reference: dict[str, bool] | None
+) -> tuple[list[bool], list[bool]] | None:
+    """Aligned verdicts on the examples both were scored on (None when there are none)."""
+    common = sorted(set(challenger) & set(reference or {}))
+    if not common:
+        return None
+    return [challenger[i] for i in common], [reference[i] for i in common]
 
 
 def current_version(client: MlflowClient, name: str, alias: str) -> int | None:
@@ -170,8 +204,18 @@ def release(p: Params) -> ReleaseResult:
         decision = Decision(False, [f"version {version} is already the champion"])
     else:
         champion_m = version_metrics(client, name, champion)["tuned"] if champion else None
+        mine = version_outcomes(client, name, version) or {}
+        if champion:
+            reference = (version_outcomes(client, name, champion) or {}).get("tuned")
+        else:
+            reference = mine.get("base")
         decision = should_promote(
-            challenger["tuned"], champion_m, challenger["base"], p.registry.min_delta
+            challenger["tuned"],
+            champion_m,
+            challenger["base"],
+            p.registry,
+            paired_verdicts(mine.get("tuned", {}), reference),
+            p.seed,
         )
         if decision.promote:
             set_champion(client, name, version)

@@ -48,6 +48,8 @@ _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60)
 
 
 def normalise_question(question: str) -> str:
+    """Case and whitespace only. Unlike the data de-duplication key, punctuation stays: "price
+    > 5" and "price < 5" must not share a cached answer."""
     return " ".join(question.casefold().split())
 
 

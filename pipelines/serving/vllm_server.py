@@ -78,6 +78,7 @@ def vllm_env(p: Params) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(p.serving.vllm_kvcache_gb))
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".run" / "vllm-cache"))  # not ~/.cache/vllm
     return env
 
 
