@@ -128,11 +128,15 @@ def bench_train(p: Params, steps: int = 3) -> Path:
 def main() -> None:
     setup_entry_point()
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("name", choices=["train"], nargs="*", default=["train"])
+    benches = {"train": bench_train}
+    parser.add_argument("name", nargs="*", help=f"one or more of {sorted(benches)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.name) - set(benches)
+    if unknown:
+        parser.error(f"unknown bench {sorted(unknown)}; choose from {sorted(benches)}")
     p = load_params()
-    for name in args.name:
-        {"train": bench_train}[name](p)
+    for name in args.name or list(benches):
+        benches[name](p)
 
 
 if __name__ == "__main__":
