@@ -58,8 +58,13 @@ class ExecResult:
 
 
 def parse(sql: str) -> exp.Expression:
-    """Parse one statement; raises `sqlglot.errors.ParseError` (a ValueError) on bad SQL."""
-    statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
+    """Parse one statement; raises `sqlglot.errors.ParseError` (a ValueError) on bad SQL,
+    including text that does not even tokenize (an unterminated string literal)."""
+    try:
+        parsed = sqlglot.parse(sql, read=DIALECT)
+    except sqlglot.errors.TokenError as e:
+        raise sqlglot.errors.ParseError(str(e)) from e
+    statements = [s for s in parsed if s is not None]
     if len(statements) != 1:
         raise UnsafeSQL(f"expected exactly one statement, got {len(statements)}")
     return statements[0]

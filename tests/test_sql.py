@@ -110,3 +110,11 @@ def test_ddl_and_schema_of(shop_db):
         "amount",
         "ordered_at",
     ]
+
+
+def test_untokenizable_model_output_is_rejected_not_raised(shop_db):
+    broken = "SELECT player_id FROM matches GROUP BY player_id HAVING COUNT(*) >= '"
+    with pytest.raises(sqlmod.UnsafeSQL, match="does not parse"):
+        sqlmod.guard(broken)
+    assert sqlmod.execute(shop_db, broken, 1.0).error.startswith("rejected")
+    assert sqlmod.normalize(broken) and not sqlmod.has_order_by(broken)

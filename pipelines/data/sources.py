@@ -138,7 +138,7 @@ def _create_tables(ddl: str) -> list[exp.Create]:
     for dialect in ("mysql", "sqlite"):
         try:
             trees = sqlglot.parse(ddl, read=dialect)
-        except sqlglot.errors.ParseError:
+        except sqlglot.errors.SqlglotError:
             continue
         return [t for t in trees if isinstance(t, exp.Create) and t.kind == "TABLE"]
     return []

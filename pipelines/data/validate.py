@@ -105,7 +105,7 @@ def _check_sql(
 
     try:
         statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
-    except sqlglot.errors.ParseError as e:
+    except sqlglot.errors.SqlglotError as e:  # ParseError, or TokenError (unclosed quote)
         return fail("sql_parses", str(e).splitlines()[0])
     if not statements or any(isinstance(s, _BARE) for s in statements):
         return fail("sql_parses", "not a SQL statement")
