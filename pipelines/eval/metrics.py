@@ -34,8 +34,8 @@ def score_example(
     }
 
 
-def bootstrap_ci(values: Sequence[bool], samples: int, seed: int) -> list[float]:
-    """95% percentile interval of the mean of 0/1 values."""
+def bootstrap_ci(values: Sequence[int], samples: int, seed: int) -> list[float]:
+    """95% percentile interval of the mean of 0/1 values (or paired -1/0/1 differences)."""
     if not values:
         return [0.0, 0.0]
     rng = random.Random(seed)

@@ -1,8 +1,8 @@
-"""Training examples and batches: tokenised prompt + SQL, per-database batches, padding.
+"""Training examples and batches: tokenised prompt + SQL, one schema per batch, padding.
 
-Every batch is drawn from one database, so its examples share the system line and the DDL; the
-train step runs that shared prefix once (`shared_prefix_len`). Used by the `train` stage and by
-`make bench`.
+Every batch is drawn from one schema (one DDL text: a database or one of its renamed variants),
+so its examples share the system line and the DDL; the train step runs that shared prefix once
+(`shared_prefix_len`). Used by the `train` stage and by `make bench`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def group_batches(groups: list[str], batch_size: int, rng: random.Random | None 
 def batch_schedule(
     groups: list[str], batch_size: int, n_batches: int, seed: int
 ) -> list[list[int]]:
-    """`n_batches` index lists, each drawn from one group (one database, so one DDL): the
+    """`n_batches` index lists, each drawn from one group (one DDL text): the
     examples of a batch then share their whole system + DDL prefix, which the train step
     runs once. Reshuffled every epoch; deterministic for a seed, so a resumed run sees the
     same batches as an uninterrupted one."""

@@ -19,10 +19,9 @@ import shutil
 from pathlib import Path
 
 import mlflow
-from pipelines import sql as sqlmod
 from pipelines.config import ROOT, Params
 from pipelines.data.records import read_jsonl
-from pipelines.eval.evaluate import evaluate_model, sample_eval
+from pipelines.eval.evaluate import evaluate_model, gold_results, sample_eval
 from pipelines.model import train
 from pipelines.model.base import load_base
 
@@ -49,10 +48,7 @@ def run(
     prepared = p.path("prepared")
     db_dir = prepared / "databases"
     records = sample_eval(read_jsonl(prepared / "eval.jsonl"), p.evaluate.max_examples, p.seed)
-    gold = [
-        sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", r["sql"], p.evaluate.sql_timeout_s)
-        for r in records
-    ]
+    gold = gold_results(records, db_dir, p.evaluate.sql_timeout_s)
     work = out_dir / name
     rows = []
     for variant in variants:

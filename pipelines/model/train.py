@@ -2,9 +2,9 @@
 
 Loss is computed on the SQL tokens only, and the LM head runs only at those positions (the
 prompt is ~90% of each sequence, so this skips most of the vocabulary projection). Each batch
-comes from one database and is padded to its own longest example. A small in-domain dev split
-gives the eval loss every `eval_every` steps (and optional early stopping). Every
-`checkpoint_every` steps the adapter, optimizer, schedule and MLflow run id are saved;
+comes from one schema (one DDL text) and is padded to its own longest example. A small
+in-domain dev split gives the eval loss every `eval_every` steps (and optional early stopping).
+Every `checkpoint_every` steps the adapter, optimizer, schedule and MLflow run id are saved;
 rerunning after an interruption resumes from there.
 
 Run: `python -m pipelines.model.train` (dvc stage `train`).

@@ -14,11 +14,11 @@ against the current champion. Every check adds a reason; all must pass:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipelines.config import RegistryConfig
+from pipelines.eval.metrics import bootstrap_ci
 
 
 @dataclass
@@ -36,12 +36,7 @@ def paired_bootstrap_lower(
 ) -> float:
     """2.5th percentile of the mean per-example gain (challenger - reference) over resamples."""
     diffs = [int(a) - int(b) for a, b in zip(challenger, reference, strict=True)]
-    if not diffs:
-        return 0.0
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    return means[int(0.025 * (samples - 1))]
+    return bootstrap_ci(diffs, samples, seed)[0]
 
 
 def should_promote(

@@ -131,14 +131,19 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
     return version, False
 
 
-def version_metrics(client: MlflowClient, name: str, version: int) -> dict:
-    """The eval.json a version was registered with (from its run's artifacts)."""
+def _version_json(client: MlflowClient, name: str, version: int, artifact: str) -> dict:
+    """A JSON artifact of the run a version was registered from."""
     mv = client.get_model_version(name, str(version))
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="eval/eval.json", dst_path=tmp
+            run_id=mv.run_id, artifact_path=artifact, dst_path=tmp
         )
         return json.loads(Path(path).read_text())
+
+
+def version_metrics(client: MlflowClient, name: str, version: int) -> dict:
+    """The eval.json a version was registered with (from its run's artifacts)."""
+    return _version_json(client, name, version, "eval/eval.json")
 
 
 def outcomes(predictions: Path) -> dict[str, dict[str, bool]]:
@@ -154,13 +159,8 @@ def outcomes(predictions: Path) -> dict[str, dict[str, bool]]:
 
 def version_outcomes(client: MlflowClient, name: str, version: int) -> dict | None:
     """The verdicts a version was registered with (None for versions registered without)."""
-    mv = client.get_model_version(name, str(version))
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="eval/outcomes.json", dst_path=tmp
-            )
-            return json.loads(Path(path).read_text())
+        return _version_json(client, name, version, "eval/outcomes.json")
     except (MlflowException, OSError):
         return None
 
