@@ -42,8 +42,10 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# sqlops vs a baseline in the same run; writes reports/bench/<name>.json (needs `dvc repro`).
-bench: setup
+# sqlops vs a baseline in the same run: reports/bench/train.json, then the serving bench
+# (reports/bench/gateway.json, reports/hot_swap.json) with vLLM + gateway started and stopped for
+# it; without a registered champion the serving part says so and is skipped (`make run` first).
+bench: setup serve-setup
 	$(BIN)/dvc repro base_model prepare
 	$(BIN)/python -m pipelines.bench
 
@@ -95,10 +97,11 @@ serve: setup serve-setup
 serve-stop:
 	$(BIN)/sqlops serve --stop
 
-# Bounded loopback load: gateway vs vLLM direct in the same run, then a hot swap under load.
-# Writes reports/bench/gateway.json and reports/hot_swap.json (needs a champion to serve).
-bench-serving: serve
-	$(BIN)/python -m pipelines.serving.loadtest
+# The serving part of `make bench` alone: gateway vs vLLM direct in the same run, then a hot
+# swap under load. Servers already running are used and left running; others are stopped after.
+bench-serving: setup serve-setup
+	$(BIN)/dvc repro base_model prepare
+	$(BIN)/python -m pipelines.bench serving
 
 # Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
 lock: setup

@@ -1,9 +1,14 @@
 """`make bench`: sqlops against a baseline, both measured in the same run on the same inputs.
 
     python -m pipelines.bench train    training tokens/s: sqlops step vs a naive LoRA step
+    python -m pipelines.bench serving  seconds/request through the gateway vs vLLM directly,
+                                       then a hot swap under load (pipelines/serving/loadtest.py)
 
 Each comparison writes `reports/bench/<name>.json` in the output contract of DESIGN.md:
-`{metric, unit, sqlops, baseline, baseline_name, ratio, setup}`.
+`{metric, unit, sqlops, baseline, baseline_name, ratio, setup}`; `serving` writes
+`reports/bench/gateway.json` and `reports/hot_swap.json`. `serving` needs a champion in the
+registry: without one it says so and is skipped (exit code 0), so `make bench` on a checkout
+that never ran `make run` still gives the training figure.
 """
 
 from __future__ import annotations
@@ -125,10 +130,23 @@ def bench_train(p: Params, steps: int = 3) -> Path:
     )
 
 
+def bench_serving(p: Params, out: Path = BENCH_DIR.parent, **load) -> dict | None:
+    """Gateway vs direct vLLM and the hot swap (`loadtest.run`, `load` = its sizes), with vLLM +
+    gateway started for it when not already up; None, with the reason logged, when skipped."""
+    from pipelines.serving import loadtest
+
+    reason = loadtest.cannot_run(p)
+    if reason is not None:
+        log.warning("serving bench skipped: %s", reason)
+        return None
+    with loadtest.serving_up(p):
+        return loadtest.run(p, out, **load)
+
+
 def main() -> None:
     setup_entry_point()
     parser = argparse.ArgumentParser(description=__doc__)
-    benches = {"train": bench_train}
+    benches = {"train": bench_train, "serving": bench_serving}
     parser.add_argument("name", nargs="*", help=f"one or more of {sorted(benches)} (default: all)")
     args = parser.parse_args()
     unknown = set(args.name) - set(benches)

@@ -1,22 +1,25 @@
 """Bounded load on loopback: the gateway vs vLLM directly (same run), and a hot swap under load.
 
 python -m pipelines.serving.loadtest [--requests N] [--concurrency C] [--swaps S]
+(`make bench` runs it as `python -m pipelines.bench serving`, starting and stopping the servers)
 
 Needs `sqlops serve` (vLLM + gateway) running. Writes reports/bench/gateway.json (DESIGN.md's
-output contract: metric = seconds per request, so ratio = direct / via-gateway throughput) and
-reports/hot_swap.json `{"requests", "failed", "swaps"}`. Questions are the eval split's, each
-sent once per pass, so the gateway's response cache never answers.
+output contract: metric = seconds per request, so ratio = sqlops / baseline = direct /
+via-gateway throughput) and reports/hot_swap.json `{"requests", "failed", "swaps"}`. Questions
+are the eval split's, each sent once per pass, so the gateway's response cache never answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +30,9 @@ from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import vllm_url
 from pipelines.serving.routing import Route, read_route, write_route
 from pipelines.sql import ddl_of
+
+# Default load: enough requests for stable seconds per request on 2 CPU cores, in minutes.
+REQUESTS, CONCURRENCY, SWAPS = 48, 8, 6
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,8 +140,10 @@ def bench(p: Params, n: int, concurrency: int) -> dict:
             "direct": dr,
             "gateway_overhead_ms_p50": round(percentile(overhead_ms, 0.5), 2),
             "gateway_overhead_ms_p95": round(percentile(overhead_ms, 0.95), 2),
-            "note": "ratio = direct / via-gateway throughput; gateway requests without execute; "
-            "overhead = gateway latency minus its time waiting on vLLM, in process",
+            "ratio_means": "gateway s/request over direct s/request = direct / via-gateway "
+            "throughput: 1.0 = no overhead, above 1 = the gateway is slower",
+            "note": "gateway requests without execute; overhead = gateway latency minus its "
+            "time waiting on vLLM, measured in the gateway process",
         },
     }
 
@@ -183,23 +191,80 @@ def hot_swap(p: Params, n: int, concurrency: int, swaps: int) -> dict:
     return {"requests": n, "failed": result["errors"], "swaps": made, "served": by_name}
 
 
+def cannot_run(p: Params, champion: Callable[[], int | None] | None = None) -> str | None:
+    """Why the serving bench cannot run on this checkout (None when it can). `champion` reads
+    the registry's champion version (default: MLflow's)."""
+    if read_route(ROOT / p.serving.routing_file) is None:
+        if champion is None:
+            from pipelines.release.deploy import MlflowRegistry
+
+            champion = MlflowRegistry(p).champion
+        if champion() is None:
+            return "no champion is registered: run `make run` (or `sqlops release`) first"
+    from pipelines.serving.vllm_server import VLLM_VENV, VLLMAdmin
+
+    installed = os.environ.get("SQLOPS_VLLM_URL") or (VLLM_VENV / ".sqlops-installed").is_file()
+    if not installed and not VLLMAdmin(vllm_url(p.serving)).healthy():
+        return "vLLM is not installed: run `make serve-setup`"
+    return None
+
+
+@contextlib.contextmanager
+def serving_up(p: Params) -> Iterator[None]:
+    """vLLM + gateway for the load test: servers already up are used and left running; what
+    this starts (`sqlops serve --background`) is stopped by PID afterwards."""
+    from pipelines.release.deploy import serve
+    from pipelines.serving.vllm_server import VLLMAdmin, stop_background
+
+    cfg = p.serving
+    health = f"http://{cfg.host}:{cfg.gateway_port}/health"
+    try:
+        r = httpx.get(health, timeout=5)
+    except httpx.HTTPError:
+        r = None
+    if r is not None:
+        if r.status_code != 200:
+            raise RuntimeError(f"the gateway at {health} is up but unhealthy: {r.text[:200]}")
+        yield
+        return
+    vllm_was_up = VLLMAdmin(vllm_url(cfg)).healthy()
+    try:
+        if serve(p, background=True) != 0:
+            raise RuntimeError("serving did not start; see .run/vllm.log and .run/gateway.log")
+        yield
+    finally:
+        stop_background("gateway")
+        if not vllm_was_up:
+            stop_background("vllm")
+
+
+def run(
+    p: Params,
+    out: Path,
+    requests: int = REQUESTS,
+    concurrency: int = CONCURRENCY,
+    swaps: int = SWAPS,
+) -> dict:
+    """Both measurements against running servers: `out`/bench/gateway.json, `out`/hot_swap.json."""
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    b = bench(p, requests, concurrency)
+    (out / "bench" / "gateway.json").write_text(json.dumps(b, indent=2) + "\n")
+    print(json.dumps(b, indent=2))
+    h = hot_swap(p, requests, concurrency, swaps)
+    (out / "hot_swap.json").write_text(json.dumps(h, indent=2) + "\n")
+    print(json.dumps(h, indent=2))
+    return {"gateway": b, "hot_swap": h}
+
+
 def main() -> None:
     setup_entry_point()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--swaps", type=int, default=6)
+    ap.add_argument("--requests", type=int, default=REQUESTS)
+    ap.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    ap.add_argument("--swaps", type=int, default=SWAPS)
     args = ap.parse_args()
-    p = load_params()
-    out = ROOT / "reports"
-    (out / "bench").mkdir(parents=True, exist_ok=True)
-    b = bench(p, args.requests, args.concurrency)
-    (out / "bench" / "gateway.json").write_text(json.dumps(b, indent=2) + "\n")
-    print(json.dumps(b, indent=2))
-    h = hot_swap(p, args.requests, args.concurrency, args.swaps)
-    (out / "hot_swap.json").write_text(json.dumps(h, indent=2) + "\n")
-    print(json.dumps(h, indent=2))
+    run(load_params(), ROOT / "reports", args.requests, args.concurrency, args.swaps)
 
 
 if __name__ == "__main__":

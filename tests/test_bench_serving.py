@@ -1,0 +1,95 @@
+"""`make bench`'s serving part (`python -m pipelines.bench serving`): skipped with a reason when
+no champion is registered; against running servers (the vLLM stand-in and a real gateway on
+127.0.0.1) it writes reports/bench/gateway.json in the output contract and hot_swap.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipelines.bench import bench_serving
+from pipelines.config import load_params
+from pipelines.serving.backend import VLLMCompletions
+from pipelines.serving.gateway import Text2SQL, create_app
+from pipelines.serving.inference_log import InferenceLog
+from pipelines.serving.routing import Route, RouteWatcher, read_route, write_route
+from tests.fake_vllm import FakeVLLM
+from tests.loopback import LoopbackServer
+
+
+def params_for(tmp_path: Path, **serving):
+    p = load_params()
+    cfg = p.serving.model_copy(update={"routing_file": tmp_path / "routing.json", **serving})
+    return p.model_copy(update={"serving": cfg})
+
+
+def test_skipped_with_reason_when_no_champion(tmp_path, mlflow_cfg, caplog):
+    p = params_for(tmp_path).model_copy(update={"mlflow": mlflow_cfg})
+    out = tmp_path / "reports"
+    with caplog.at_level(logging.WARNING):
+        assert bench_serving(p, out) is None
+    assert "serving bench skipped: no champion is registered" in caplog.text
+    assert not out.exists()  # nothing half-written, no servers started
+
+
+@pytest.fixture
+def running(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
+    """(params, fake vLLM) with text2sql-v1 loaded and routed and a real gateway app up."""
+    from transformers import AutoTokenizer
+
+    with FakeVLLM() as vllm:
+        vllm.adapters["text2sql-v1"] = "/adapters/v1"
+        vllm.delay_s = 0.2  # long enough for the hot swap to flip routes mid-run
+        monkeypatch.setenv("SQLOPS_VLLM_URL", vllm.base_url)
+        p = params_for(tmp_path)
+        p = p.model_copy(
+            update={
+                "paths": p.paths.model_copy(
+                    update={"base_model": tiny_base_dir, "prepared": prepared_dir}
+                )
+            }
+        )
+        routing = p.serving.routing_file
+        write_route(routing, Route("text2sql-v1", 1))
+        backend = VLLMCompletions(vllm.base_url, 5.0, p.serving.max_new_tokens)
+        tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+        service = Text2SQL(p.serving, prepared_dir / "databases", tok, backend)
+        app = create_app(
+            service, InferenceLog(f"sqlite:///{tmp_path}/log.db"), RouteWatcher(routing)
+        )
+        gateway = LoopbackServer(app).start()
+        try:
+            p = p.model_copy(
+                update={"serving": p.serving.model_copy(update={"gateway_port": gateway.port})}
+            )
+            yield p, vllm
+        finally:
+            gateway.stop()
+
+
+def test_writes_gateway_bench_and_hot_swap(tmp_path, running):
+    p, vllm = running
+    out = tmp_path / "reports"
+    result = bench_serving(p, out, requests=3, concurrency=1, swaps=2)
+
+    gw = json.loads((out / "bench" / "gateway.json").read_text())
+    assert gw == result["gateway"]
+    assert set(gw) == {"metric", "unit", "sqlops", "baseline", "baseline_name", "ratio", "setup"}
+    assert gw["metric"] == "seconds_per_request" and gw["unit"] == "s"
+    # ratio = sqlops / baseline (the contract) = direct / via-gateway throughput (the issue).
+    assert gw["ratio"] == pytest.approx(gw["sqlops"] / gw["baseline"], rel=0.02)
+    throughput = gw["setup"]["direct"]["throughput_rps"] / gw["setup"]["gateway"]["throughput_rps"]
+    assert gw["ratio"] == pytest.approx(throughput, rel=0.02)
+    assert gw["setup"]["gateway"]["errors"] == 0 and gw["setup"]["direct"]["errors"] == 0
+    assert gw["setup"]["requests"] == 6 and gw["setup"]["model"] == "text2sql-v1"
+
+    swap = json.loads((out / "hot_swap.json").read_text())
+    assert swap["requests"] == 3 and swap["failed"] == 0 and 1 <= swap["swaps"] <= 2
+    assert set(swap["served"]) <= {"text2sql-v1", "text2sql-v1-swapcheck"}
+    assert sum(swap["served"].values()) == 3
+    # Afterwards the route and vLLM are as before: the swap copy is unloaded, v1 routed.
+    assert read_route(p.serving.routing_file).model == "text2sql-v1"
+    assert set(vllm.adapters) == {"text2sql-v1"}
