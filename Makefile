@@ -20,7 +20,7 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 PIDS := .run
 
-.PHONY: setup run test bench ui ui-stop lint format lock clean serve-setup serve serve-stop bench-serving
+.PHONY: setup run test bench ui ui-stop lint format lock clean serve-setup serve serve-stop bench-serving demo
 
 setup: $(STAMP)
 
@@ -102,6 +102,12 @@ serve-stop:
 bench-serving: setup serve-setup
 	$(BIN)/dvc repro base_model prepare
 	$(BIN)/python -m pipelines.bench serving
+
+# The closed loop on loopback: serve the champion, trained-domain traffic (no drift), held-out
+# domain traffic (drift) with corrections, retraining on the new data version, gate, hot swap.
+# Writes reports/demo.json; vLLM and the gateway keep running afterwards (make serve-stop).
+demo: run serve-setup
+	$(BIN)/sqlops flow demo
 
 # Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
 lock: setup

@@ -88,16 +88,21 @@ def training_deployed() -> bool:
 
 @flow(name="monitoring", log_prints=True)
 def monitoring(
-    window_hours: float | None = None, retrain: bool = True, now: float | None = None
+    window_hours: float | None = None,
+    retrain: bool = True,
+    now: float | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Check the last `window_hours` (default: params.yaml) of traffic ending at `now`
-    (default: the current time); retrain when the policy says so and `retrain` is on."""
+    (default: the current time); retrain when the policy says so and `retrain` is on.
+    `overrides` replaces `monitoring:` params for this run (the demo lifts the cooldown)."""
     logger = get_run_logger()
     p = load_params()
-    if window_hours:
-        p = p.model_copy(
-            update={"monitoring": p.monitoring.model_copy(update={"window_hours": window_hours})}
-        )
+    update = {**(overrides or {}), **({"window_hours": window_hours} if window_hours else {})}
+    if update:
+        logger.info("monitoring params for this run: %s", update)
+        checked = type(p.monitoring).model_validate(p.monitoring.model_dump() | update)
+        p = p.model_copy(update={"monitoring": checked})
     now = time.time() if now is None else now
     result = check_drift(p, now)
     should, reasons = decide(p, result, now)
@@ -132,6 +137,8 @@ def monitoring(
         state = training(return_state=True)
         out["retrain"] = "subflow"
         out["retrain_flow_run"] = str(state.state_details.flow_run_id)
+        # The release's {version, champion, promoted}; None when the training flow failed.
+        out["retrain_release"] = state.result() if state.is_completed() else None
     return out
 
 

@@ -11,6 +11,7 @@ sqlops summary               base vs tuned figures, run id, versions, how to ope
 sqlops flow training         run the Prefect training flow (each DVC stage a task, then release)
 sqlops flow release          run the Prefect release flow (register, gate, deploy, smoke, rollback)
 sqlops flow monitoring       drift check on the inference log; retrains when the policy says so
+sqlops flow demo             the closed loop: traffic, drift, feedback, retraining, promotion
 sqlops prefect serve         serve the training + monitoring deployments to a Prefect server
 sqlops experiment lora-rank  train + evaluate at LoRA ranks 8/16/64, one table (seed book)
 sqlops experiment precision  the same for fp32 vs bf16 autocast
@@ -25,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.config import load_params, setup_entry_point
+from pipelines.config import ROOT, load_params, setup_entry_point
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -90,8 +91,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from pipelines.tracking import configure_mlflow, tracking_uri
 
     p = load_params()
-    metrics = json.loads(p.path("eval_metrics").read_text())
-    train_info = json.loads((p.path("adapter") / "train_info.json").read_text())
+    needed = [p.path("eval_metrics"), p.path("adapter") / "train_info.json"]
+    missing = [str(f.relative_to(ROOT)) for f in needed if not f.is_file()]
+    if missing:
+        print(f"sqlops summary: no {' or '.join(missing)} yet: run `make run` (or `dvc repro`)")
+        return 1
+    metrics = json.loads(needed[0].read_text())
+    train_info = json.loads(needed[1].read_text())
     configure_mlflow(p.mlflow)
     client = MlflowClient()
     name = p.registry.model_name
@@ -143,6 +149,10 @@ def cmd_flow(args: argparse.Namespace) -> int:
         from flows.monitoring import monitoring
 
         print(json.dumps(monitoring(retrain=not args.no_retrain), indent=2))
+    elif args.name == "demo":
+        from flows.demo import demo, improved
+
+        return 0 if improved(demo()) else 1
     return 0
 
 
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--background", action="store_true", help="return once both are healthy")
     sv.add_argument("--stop", action="store_true", help="stop the background vLLM and gateway")
     fl = sub.add_parser("flow", help="run a Prefect flow")
-    fl.add_argument("name", choices=["training", "release", "monitoring"])
+    fl.add_argument("name", choices=["training", "release", "monitoring", "demo"])
     fl.add_argument("--no-retrain", action="store_true", help="monitoring: check and report only")
     for p in (dp, fl):
         p.add_argument(
