@@ -5,8 +5,8 @@
 3. Users switch to the held-out domain (`data.eval_domains`): the drift check reports drift.
 4. Part of that traffic gets corrections through the gateway's `/v1/feedback`.
 5. The monitoring flow exports the verified feedback as a new DVC data version and runs the
-   training flow (every DVC stage, then register + gate); the demo deploys what the gate
-   promoted, without restarting vLLM.
+   training flow (every DVC stage, then register + gate), which deploys what the gate
+   promoted into the running vLLM (no restart).
 6. Execution accuracy on the drifted domain, before (the old champion's held-out evaluation)
    and after (the new version's, same examples), goes to `reports/demo.json`.
 
@@ -25,13 +25,14 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.monitoring import monitoring
+from flows.monitoring import monitoring, triggered_training
 from mlflow import MlflowClient
 from pipelines.config import ROOT, Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
 from pipelines.monitoring import simulate
-from pipelines.release.deploy import deploy, serve
+from pipelines.release.deploy import serve
 from pipelines.release.registry import CHAMPION, current_version, version_metrics
+from pipelines.serving.routing import read_route
 from pipelines.tracking import configure_mlflow
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ def domain_accuracy(p: Params, version: int, domains: list[str]) -> float | None
 def champion(p: Params) -> int | None:
     configure_mlflow(p.mlflow)
     return current_version(MlflowClient(), p.registry.model_name, CHAMPION)
+
+
+def newest_version(p: Params) -> dict:
+    """The release outcome as the registry shows it: newest version and the champion."""
+    configure_mlflow(p.mlflow)
+    name = p.registry.model_name
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    return {"version": max(int(v.version) for v in versions), "champion": champion(p)}
 
 
 @task
@@ -85,12 +94,6 @@ def feedback(gateway: str, answers: list[dict], share: float, seed: int) -> int:
     return simulate.give_feedback(gateway, answers, share, seed)
 
 
-@task
-def deploy_promoted(p: Params, version: int) -> dict:
-    r = deploy(p, version)
-    return {"served": r.name, "ok": r.ok, "rolled_back_to": r.rolled_back_to}
-
-
 def window_hours(since: float) -> float:
     return (time.time() - since) / 3600 + 1e-3
 
@@ -109,7 +112,7 @@ def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
     gateway = start_serving(p)
 
     phase = time.time()
-    answers = traffic(p, gateway, "trained-domains", trained, requests_per_phase, p.seed + 1)
+    traffic(p, gateway, "trained-domains", trained, requests_per_phase, p.seed + 1)
     calm = monitoring(window_hours=window_hours(phase), retrain=False)
     logger.info("trained-domain traffic: drift %s", calm["drifted_signals"] or "none")
 
@@ -120,11 +123,16 @@ def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
 
     if not check["should_retrain"]:
         raise RuntimeError(f"the drifted traffic did not trigger retraining: {check['reasons']}")
-    release = check.get("retrain_release")
+    if check["retrain"] == "event":  # a Prefect server's deployment trigger runs the training
+        run_id, state = triggered_training(check["event_at"], timeout_s=3 * 3600)
+        check["retrain_flow_run"] = run_id
+        check["retrain_release"] = newest_version(p) if state == "Completed" else None
+    release = check["retrain_release"]
     if release is None:
-        raise RuntimeError(f"retraining failed: see flow run {check.get('retrain_flow_run')}")
-    promoted = release["version"] if release["promoted"] else None
-    served = deploy_promoted(p, promoted) if promoted else None
+        raise RuntimeError(f"retraining failed: see flow run {check['retrain_flow_run']}")
+    promoted = release["version"] if release["champion"] == release["version"] else None
+    promoted = promoted if promoted != before_version else None
+    route = read_route(ROOT / p.serving.routing_file)
     result = {
         "drift_detected": bool(check["should_retrain"]),
         "retrain_flow_run": check.get("retrain_flow_run"),
@@ -138,7 +146,7 @@ def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
         "trained_domain_check": {k: calm[k] for k in ("drifted_signals", "should_retrain")},
         "drifted_domain_check": {k: check[k] for k in ("drifted_signals", "reasons")},
         "feedback_recorded": n_feedback,
-        "served_after": served,
+        "served_after": route.model if route else None,  # training hot-swaps a promotion
     }
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(result, indent=2))

@@ -86,6 +86,39 @@ def training_deployed() -> bool:
     return True
 
 
+def triggered_training(since: float, timeout_s: float) -> tuple[str, str]:
+    """(flow run id, final state name) of the first run of the `training` deployment expected
+    to start after `since` (unix seconds): the run the drift event's trigger created, awaited."""
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    after = datetime.fromtimestamp(since, UTC)
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(TRAINING_DEPLOYMENT)
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(
+                    expected_start_time=FlowRunFilterExpectedStartTime(after_=after)
+                ),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                limit=1,
+            )
+            if runs and runs[0].state is not None and runs[0].state.is_final():
+                return str(runs[0].id), runs[0].state.name
+            time.sleep(5)
+    raise TimeoutError(f"no triggered `training` run finished within {timeout_s:.0f} s")
+
+
 @flow(name="monitoring", log_prints=True)
 def monitoring(
     window_hours: float | None = None,
@@ -120,6 +153,7 @@ def monitoring(
     if not (should and retrain):
         return out
     exported = export_feedback(p)
+    out["event_at"] = time.time()
     emit_event(
         event=DRIFT_EVENT,
         resource={"prefect.resource.id": f"sqlops.monitoring.{run_id}"},

@@ -1,8 +1,11 @@
 """The training flow: every DVC stage as its own Prefect task, then the release.
 
 DVC decides what is stale (`dvc repro --single-item <stage>` skips an up-to-date stage in about
-a second), Prefect shows the DAG, retries and schedules it. Run it with `sqlops flow training`
-(ephemeral Prefect) or serve it against `make ui`'s Prefect server.
+a second), Prefect shows the DAG, retries and schedules it. The release registers and gates the
+new adapter; when the gate promotes it and a model is being served (a gateway route and a vLLM
+that answers), the promoted version is deployed at once (hot swap, smoke test, rollback on
+failure), so a drift-triggered retraining reaches users without a person. Run it with
+`sqlops flow training` (ephemeral Prefect) or serve it against `make ui`'s Prefect server.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 
-from pipelines.config import ROOT, load_params
+from flows.release import deploy_task
+from pipelines.config import ROOT, Params, load_params
 from pipelines.release.registry import release as release_model
+from pipelines.serving.backend import vllm_url
+from pipelines.serving.routing import read_route
+from pipelines.serving.vllm_server import VLLMAdmin
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,20 @@ def release() -> dict:
     return {"version": r.version, "champion": r.champion, "promoted": r.decision.promote}
 
 
+def serving(p: Params) -> bool:
+    """Whether a model is being served: the gateway has a route and its vLLM answers."""
+    if read_route(ROOT / p.serving.routing_file) is None:
+        return False
+    return VLLMAdmin(vllm_url(p.serving)).healthy()
+
+
 @flow(name="training", log_prints=True)
 def training(run_release: bool = True, root: Path = ROOT) -> dict | None:
     for stage in dvc_stages(root):
         dvc_stage(stage, root)
-    return release() if run_release else None
+    if not run_release:
+        return None
+    result = release()
+    if result["promoted"] and serving(load_params()):
+        result["deployed"] = deploy_task(result["version"])
+    return result

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
@@ -186,6 +186,16 @@ class Params(_Block):
     serving: ServingConfig
     monitoring: MonitoringConfig
     mlflow: MlflowConfig
+
+    @model_validator(mode="after")
+    def _servable(self) -> Params:
+        # vLLM refuses an adapter above its --max-lora-rank at load time, i.e. at release.
+        if self.serving.max_lora_rank < self.train.lora_r:
+            raise ValueError(
+                f"serving.max_lora_rank ({self.serving.max_lora_rank}) must be at least "
+                f"train.lora_r ({self.train.lora_r}), or vLLM cannot load the adapter"
+            )
+        return self
 
     def path(self, name: str) -> Path:
         """An artifact path from `paths:`, absolute against the repo root."""
