@@ -26,8 +26,9 @@ from peft import LoraConfig, get_peft_model
 
 from pipelines.config import ROOT, Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
-from pipelines.model import batches, train
+from pipelines.model import batches, devices
 from pipelines.model.base import load_base
+from pipelines.model.loss import completion_loss
 
 log = logging.getLogger(__name__)
 BENCH_DIR = ROOT / "reports" / "bench"
@@ -71,7 +72,7 @@ def bench_train(p: Params, steps: int = 3) -> Path:
     position, batch padded to its longest member) vs the sqlops step (bf16 autocast where
     chosen, logits only at SQL positions)."""
     cfg = p.train
-    _, dtype = train.pick_device(cfg.precision)
+    _, dtype = devices.pick_device(cfg.precision)
     model, tok = load_base(p.path("base_model"))
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -98,7 +99,7 @@ def bench_train(p: Params, steps: int = 3) -> Path:
     def sqlops(m, b):
         ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
-            return train.completion_loss(m, b)[0]
+            return completion_loss(m, b)[0]
 
     naive_s = _time_steps(model, batch, steps, naive)
     sqlops_s = _time_steps(model, batch, steps, sqlops)

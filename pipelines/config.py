@@ -90,6 +90,11 @@ class TrainConfig(_Block):
     early_stopping_patience: int  # evals without a new best eval loss before stopping (0 = off)
     schema_augment: float  # share of training examples shown with renamed tables/columns
     schema_variants: int  # renamed versions of each database's schema
+    num_processes: (
+        int  # training processes; > 1 re-launches through `accelerate launch` (one per GPU)
+    )
+    accelerate_config: Path | None  # accelerate config file (None = infra/accelerate/ddp.yaml, DDP)
+    quantization: Literal["none", "4bit"]  # 4bit: QLoRA, NF4 base weights (bitsandbytes + CUDA)
 
 
 class JudgeConfig(_Block):

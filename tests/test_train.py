@@ -11,6 +11,7 @@ import mlflow
 from pipelines.config import TrainConfig
 from pipelines.model import batches, train
 from pipelines.model.base import load_base
+from pipelines.model.loss import completion_loss
 
 CFG = dict(
     lora_r=4,
@@ -32,6 +33,9 @@ CFG = dict(
     early_stopping_patience=0,
     schema_augment=0.0,
     schema_variants=0,
+    num_processes=1,
+    accelerate_config=None,
+    quantization="none",
 )
 
 
@@ -72,7 +76,7 @@ def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
     examples, _, _ = batches.tokenize(read_jsonl(prepared_dir / "train.jsonl"), tok, 512)
     batch = batches.collate(examples[:4], tok.pad_token_id)  # one database: a long shared prefix
     assert int(batch["prefix_len"]) > 50
-    fast, n = train.completion_loss(model, batch)
+    fast, n = completion_loss(model, batch)
     fast.backward()
     fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
@@ -80,7 +84,7 @@ def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
     reference = model(**plain).loss  # transformers' own shifted loss over the same labels
     reference.backward()
     ref_grads = [p.grad for p in model.parameters() if p.requires_grad]
-    full, _ = train.completion_loss(model, batch, full_logits=True)
+    full, _ = completion_loss(model, batch, full_logits=True)
     assert n > 0
     assert torch.allclose(fast, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, ref_grads, strict=True))

@@ -88,15 +88,16 @@ def run(cfg: BaseModelConfig, out_dir: Path) -> dict:
     return info
 
 
-def load_base(base_dir: Path, adapter_dir: Path | None = None, merge: bool = True):
+def load_base(base_dir: Path, adapter_dir: Path | None = None, merge: bool = True, **load_kwargs):
     """(model, tokenizer) from `paths.base_model`, optionally with a LoRA adapter applied.
 
     With `merge` the adapter is folded into the weights: generation then costs what the base
-    model costs (an unmerged adapter adds two matmuls per layer)."""
+    model costs (an unmerged adapter adds two matmuls per layer). `load_kwargs` go to
+    `from_pretrained` (QLoRA: a quantization config and device map)."""
     tok = AutoTokenizer.from_pretrained(base_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **load_kwargs)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
         if merge:

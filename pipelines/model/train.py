@@ -1,38 +1,37 @@
 """The `train` stage: completion-only LoRA fine-tuning, tracked in MLflow, resumable.
 
-Loss is computed on the SQL tokens only, and the LM head runs only at those positions (the
-prompt is ~90% of each sequence, so this skips most of the vocabulary projection). Each batch
+Loss is computed on the SQL tokens only (`loss`). Each batch
 comes from one schema (one DDL text) and is padded to its own longest example. A small
 in-domain dev split gives the eval loss every `eval_every` steps (and optional early stopping).
 Every `checkpoint_every` steps the adapter, optimizer, schedule and MLflow run id are saved;
-rerunning after an interruption resumes from there.
+rerunning after an interruption resumes from there. With `train.num_processes > 1` the entry
+point re-launches itself through `accelerate launch` (see `devices`): each process trains on its
+share of every batch, gradients are all-reduced, and rank 0 alone tracks and writes.
 
-Run: `python -m pipelines.model.train` (dvc stage `train`).
+Run: `python -m pipelines.model.train [--params FILE]` (dvc stage `train`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import mlflow
-from pipelines.config import MlflowConfig, TrainConfig, load_params, setup_entry_point
+from pipelines.config import PARAMS_FILE, MlflowConfig, TrainConfig, load_params, setup_entry_point
 from pipelines.data.augment import augment
 from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, dvc_hash, git_commit
-from pipelines.model.base import load_base
+from pipelines.model import devices
 from pipelines.model.batches import (
-    IGNORE,
     Example,
     batch_schedule,
     collate,
@@ -40,51 +39,10 @@ from pipelines.model.batches import (
     split_dev,
     tokenize,
 )
+from pipelines.model.loss import CompletionLoss, eval_loss
 from pipelines.tracking import configure_mlflow
 
 log = logging.getLogger(__name__)
-
-
-def completion_loss(model, batch: dict[str, torch.Tensor], full_logits: bool = False):
-    """Mean cross-entropy over the SQL tokens, and their count.
-
-    The fast path runs the batch's shared prefix (system line + DDL, ~75% of the tokens) once
-    and reuses its key/value cache for every example, then applies the LM head only at SQL
-    positions. With `full_logits` every example runs in full and the head runs at every
-    position, as a plain `model(labels=...)` does (the baseline `make bench` compares to)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    prefix = 0 if full_logits else int(batch.get("prefix_len", 0))
-    if prefix:
-        shared = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
-        shared.batch_repeat_interleave(ids.shape[0])
-        hidden = decoder(
-            input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=shared
-        ).last_hidden_state
-    else:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    # hidden[:, j] is position prefix + j and predicts the token after it.
-    targets = labels[:, prefix + 1 :]
-    hidden = hidden[:, :-1]
-    keep = targets != IGNORE
-    if full_logits:
-        logits = head(hidden).float()
-        return F.cross_entropy(logits[keep], targets[keep]), int(keep.sum())
-    logits = head(hidden[keep]).float()
-    return F.cross_entropy(logits, targets[keep]), int(keep.sum())
-
-
-@torch.no_grad()
-def eval_loss(model, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean loss per SQL token over the dev batches (dropout off)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss, n = completion_loss(model, batch)
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / max(count, 1)
 
 
 def should_stop(dev_history: list[float], patience: int) -> bool:
@@ -92,30 +50,6 @@ def should_stop(dev_history: list[float], patience: int) -> bool:
     if patience <= 0 or len(dev_history) <= patience:
         return False
     return min(dev_history[-patience:]) >= min(dev_history[:-patience])
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls (AVX512-BF16 or AMX). Without them bf16 autocast on CPU falls back
-    to a path that was >20x slower than fp32 on this project's AVX2-only machines."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device(precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """CUDA when present (TF32 on for fp32 matmuls); bf16 autocast when asked for, or with
-    `auto` where the hardware computes bf16 natively."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        device, bf16_ok = torch.device("cuda"), torch.cuda.is_bf16_supported()
-    else:
-        # All cores unless the user capped them (OMP_NUM_THREADS, e.g. beside other jobs).
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-        device, bf16_ok = torch.device("cpu"), cpu_has_bf16()
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
-    return device, torch.bfloat16 if use_bf16 else None
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -137,10 +71,15 @@ def run(
     adapter_dir: Path,
     checkpoint_dir: Path,
     mlflow_cfg: MlflowConfig,
-) -> dict:
+) -> dict | None:
+    """Train and save the adapter; its train_info (None on ranks other than 0)."""
+    devices.check_quantization(cfg.quantization)
     torch.manual_seed(seed)
-    device, autocast_dtype = pick_device(cfg.precision)
-    model, tok = load_base(base_dir)
+    procs = devices.Processes(cfg.grad_accum)
+    if not procs.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 reports
+    device, autocast_dtype = devices.pick_device(cfg.precision, procs.device, procs.world)
+    model, tok = devices.load_for_training(base_dir, cfg.quantization, device)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -148,7 +87,9 @@ def run(
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora).to(device)
+    model = get_peft_model(model, lora)
+    if cfg.quantization == "none":  # 4-bit weights were loaded onto the device
+        model = model.to(device)
     train_records, dev_records = split_dev(
         read_jsonl(prepared_dir / "train.jsonl"), cfg.dev_examples, seed
     )
@@ -162,13 +103,18 @@ def run(
     groups = [r["ddl"] for r in records]  # one DDL per batch: its prefix is run once
     schedule = batch_schedule(groups, cfg.batch_size, n_micro, seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
+    optim = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
 
     data_hash = dvc_hash(prepared_dir)
     base = base_model_info(base_dir)
     fingerprint = json.dumps([cfg.model_dump(mode="json"), seed, data_hash, base], sort_keys=True)
-    state = _load_checkpoint(checkpoint_dir, fingerprint)
+    if procs.sharded:
+        log.warning("no resumable checkpoints under FSDP/DeepSpeed: no rank holds all state")
+    state = None if procs.sharded else _load_checkpoint(checkpoint_dir, fingerprint)
     step, history, dev_history, run_id = 0, [], [], None
     if state:
         set_peft_model_state_dict(model, state["adapter"])
@@ -177,15 +123,19 @@ def run(
         step, history, run_id = state["step"], state["history"], state["run_id"]
         dev_history = state["dev_history"]
         log.info("resuming from checkpoint at step %d/%d", step, cfg.max_steps)
+    loss_module, optim = procs.prepare(CompletionLoss(model), optim, cfg.batch_size)
 
-    configure_mlflow(mlflow_cfg)
     run_name = f"lora-r{cfg.lora_r}-a{cfg.lora_alpha}-{data_hash.removeprefix('sha256:')[:8]}"
     trainable = sum(p.numel() for p in params)
-    with mlflow.start_run(
-        run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True
-    ) as active:
-        run_id = active.info.run_id
-        if not state:
+    tracking = contextlib.nullcontext()  # other ranks: rank 0 alone talks to MLflow
+    if procs.is_main:
+        configure_mlflow(mlflow_cfg)
+        tracking = mlflow.start_run(
+            run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True
+        )
+    with tracking as active:
+        run_id = active.info.run_id if procs.is_main else None
+        if procs.is_main and not state:
             mlflow.log_params({**cfg.model_dump(mode="json"), "seed": seed})
             mlflow.log_params(
                 {
@@ -193,6 +143,7 @@ def run(
                     "n_dev": len(dev),
                     "dropped_too_long": dropped,
                     "trainable": trainable,
+                    "processes": procs.world,
                 }
             )
             mlflow.set_tags(
@@ -205,11 +156,12 @@ def run(
                 }
             )
         log.info(
-            "training %d examples (%d dropped > %d tokens), %d trainable params, %s %s, run %s",
+            "training %d examples (%d dropped > %d tokens), %d trainable params, %dx%s %s, run %s",
             len(examples),
             dropped,
             cfg.max_length,
             trainable,
+            procs.world,
             device,
             autocast_dtype or "fp32",
             run_id,
@@ -224,22 +176,30 @@ def run(
             batch = collate([pool[i] for i in idxs], tok.pad_token_id)
             return {k: v.to(device) for k, v in batch.items()}
 
-        model.train()
+        loss_module.train()
         start, tokens_seen = time.monotonic(), 0
         window_start, window_tokens = start, 0
         while step < cfg.max_steps and not should_stop(dev_history, cfg.early_stopping_patience):
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                batch = batch_of(examples, schedule[step * cfg.grad_accum + micro])
-                with autocast():
-                    loss, _ = completion_loss(model, batch)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
+                idxs = schedule[step * cfg.grad_accum + micro]
+                mine, weight = procs.shard(idxs)
+                batch = batch_of(examples, mine)
+                with procs.micro_step(loss_module):
+                    with autocast():
+                        loss, n = loss_module(batch)
+                    # This rank's part of the global batch's mean over its SQL tokens (1 with
+                    # one process); the all-reduce averages ranks, hence the `world` factor.
+                    n_sql = sum(len(examples[i].input_ids) - examples[i].n_prompt for i in idxs)
+                    share = weight * n / n_sql
+                    procs.backward(loss * (share * procs.world) if procs.world > 1 else loss)
+                loss_sum += loss.item() * share / cfg.grad_accum
                 # Example tokens trained on (as in `make bench`), not the fewer ones computed.
-                n_tok = int(batch["attention_mask"].sum())
+                n_tok = sum(len(examples[i].input_ids) for i in idxs)
                 tokens_seen += n_tok
                 window_tokens += n_tok
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            loss_sum = procs.sum(loss_sum)
+            grad_norm = procs.clip_grad_norm(loss_module, params, 1.0)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
@@ -255,7 +215,8 @@ def run(
                     "grad_norm": grad_norm,
                     "tokens_per_s": tps,
                 }
-                mlflow.log_metrics(metrics, step=step)
+                if procs.is_main:
+                    mlflow.log_metrics(metrics, step=step)
                 log.info(
                     "step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s",
                     step,
@@ -267,9 +228,11 @@ def run(
                 )
             if dev and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 with autocast():
-                    dev_loss = eval_loss(model, [batch_of(dev, b) for b in dev_batches])
+                    dev_loss = eval_loss(loss_module, [batch_of(dev, b) for b in dev_batches])
+                dev_loss = procs.mean(dev_loss)  # one value on every rank: they stop together
                 dev_history.append(dev_loss)
-                mlflow.log_metric("eval_loss", dev_loss, step=step)
+                if procs.is_main:
+                    mlflow.log_metric("eval_loss", dev_loss, step=step)
                 log.info(
                     "step %d/%d eval loss %.4f (%d dev examples)",
                     step,
@@ -277,21 +240,26 @@ def run(
                     dev_loss,
                     len(dev),
                 )
-            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                _save_checkpoint(
-                    checkpoint_dir,
-                    model,
-                    optim,
-                    sched,
-                    {"step": step, "history": history, "dev_history": dev_history},
-                    run_id,
-                    fingerprint,
-                )
+            checkpoint = step % cfg.checkpoint_every == 0 and step < cfg.max_steps
+            if checkpoint and not procs.sharded:
+                if procs.is_main:  # DDP: every rank holds the same adapter and optimizer
+                    _save_checkpoint(
+                        checkpoint_dir,
+                        model,
+                        optim,
+                        sched,
+                        {"step": step, "history": history, "dev_history": dev_history},
+                        run_id,
+                        fingerprint,
+                    )
+                procs.wait()
         seconds = time.monotonic() - start
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        model.save_pretrained(adapter_dir)
-        tok.save_pretrained(adapter_dir)
+        gathered = procs.gathered_state(loss_module)
+        if not procs.is_main:
+            procs.wait()  # until rank 0 has saved
+            procs.end()
+            return None
+        _save_adapter(model, tok, adapter_dir, gathered)
         info = {
             "run_id": run_id,
             "steps": step,
@@ -309,13 +277,29 @@ def run(
             "base_model_hash": base["weights_sha256"],
             "precision": str(autocast_dtype or "fp32"),
             "device": device.type,
+            "processes": procs.world,
+            "optimizer": "adamw_fused" if fused else "adamw",
+            "quantization": cfg.quantization,
         }
         (adapter_dir / "train_info.json").write_text(json.dumps(info, indent=2))
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         mlflow.log_metrics({"final_loss": info["final_loss"], "train_seconds": seconds})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     log.info("adapter saved to %s after %d steps in %.0f s", adapter_dir, step, seconds)
+    procs.wait()
+    procs.end()
     return info
+
+
+def _save_adapter(model, tok, adapter_dir: Path, gathered: dict | None) -> None:
+    """The LoRA weights + tokenizer; from the state gathered across ranks where sharded."""
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    state = None
+    if gathered is not None:  # keys of the CompletionLoss wrapper: "model.<peft key>"
+        state = {k.removeprefix("model."): v for k, v in gathered.items()}
+    model.save_pretrained(adapter_dir, state_dict=state)
+    tok.save_pretrained(adapter_dir)
 
 
 def _save_checkpoint(path: Path, model, optim, sched, progress, run_id, fingerprint) -> None:
@@ -345,9 +329,18 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The train stage (params.yaml `train:`).")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="another params file")
+    params_file = parser.parse_args(argv).params.resolve()
     setup_entry_point()
-    p = load_params()
+    p = load_params(params_file)
+    if devices.should_launch(p.train):
+        devices.check_quantization(p.train.quantization)
+        rc = devices.launch(p.train, "pipelines.model.train", ["--params", str(params_file)])
+        if rc:
+            raise SystemExit(f"training processes failed (exit code {rc})")
+        return
     info = run(
         p.train,
         p.seed,
@@ -357,6 +350,8 @@ def main() -> None:
         p.path("checkpoints"),
         p.mlflow,
     )
+    if info is None:
+        return  # not rank 0: it writes the metrics
     out = p.path("train_metrics")
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = (

@@ -1,0 +1,210 @@
+"""Where training runs: device and precision, QLoRA loading, and several processes.
+
+One process (the default) trains on CUDA in bf16 with TF32 and a fused optimizer, or on the CPU
+with one thread per core. With `train.num_processes > 1` (or an `train.accelerate_config`) the
+`train` entry point re-launches itself through `accelerate launch`: one process per GPU (gloo
+processes on a machine without one), DDP by default, FSDP or DeepSpeed by an
+`infra/accelerate/*.yaml` file. `Processes` is what the training loop needs of them: its shard
+of each batch, gradient sync, reductions for logging, and which rank writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipelines.config import ROOT, TrainConfig
+
+# Set in the launched processes, so that they train instead of launching again.
+LAUNCHED_ENV = "SQLOPS_TRAIN_LAUNCHED"
+DEFAULT_ACCELERATE_CONFIG = ROOT / "infra" / "accelerate" / "ddp.yaml"
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX). Without them bf16 autocast on CPU falls back
+    to a path that was >20x slower than fp32 on this project's AVX2-only machines."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(
+    precision: str, device: torch.device | None = None, processes: int = 1
+) -> tuple[torch.device, torch.dtype | None]:
+    """CUDA when present (TF32 on for the fp32 matmuls autocast leaves); bf16 autocast when
+    asked for, or with `auto` where the hardware computes bf16 natively. `device`: the one a
+    launched process was given."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        bf16_ok = torch.cuda.is_bf16_supported()
+    else:
+        # All cores, shared among the processes, unless the user capped them (OMP_NUM_THREADS).
+        cores = max(1, (os.cpu_count() or 1) // processes)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or cores))
+        bf16_ok = cpu_has_bf16()
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
+    return device, torch.bfloat16 if use_bf16 else None
+
+
+def check_quantization(quantization: str) -> None:
+    """QLoRA needs bitsandbytes and a CUDA GPU: say which is missing before any work."""
+    if quantization == "none":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            f"train.quantization: {quantization} needs bitsandbytes, which is not installed "
+            "(pip install bitsandbytes), or set train.quantization: none"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"train.quantization: {quantization} needs a CUDA GPU and none is visible; "
+            "set train.quantization: none"
+        )
+
+
+def load_for_training(base_dir: Path, quantization: str, device: torch.device):
+    """(model, tokenizer): fp32 weights, or NF4 4-bit weights with bf16 compute (QLoRA)."""
+    from pipelines.model.base import load_base
+
+    if quantization == "none":
+        return load_base(base_dir)
+    check_quantization(quantization)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    model, tok = load_base(base_dir, quantization_config=bnb, device_map={"": index})
+    # No gradient checkpointing: it turns the KV cache off, which the shared DDL prefix needs.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tok
+
+
+def accelerate_config(cfg: TrainConfig) -> Path:
+    """The accelerate config file a launch uses; DeepSpeed without deepspeed fails here."""
+    path = Path(cfg.accelerate_config) if cfg.accelerate_config else DEFAULT_ACCELERATE_CONFIG
+    path = path if path.is_absolute() else ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(f"train.accelerate_config: {path} does not exist")
+    kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type")
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise RuntimeError(
+            f"train.accelerate_config: {path.name} selects DeepSpeed, which is not installed "
+            "(pip install deepspeed), or choose infra/accelerate/ddp.yaml or fsdp.yaml"
+        )
+    return path
+
+
+def should_launch(cfg: TrainConfig) -> bool:
+    """Several processes (or an accelerate config) asked for, and this is not one of them."""
+    wanted = cfg.num_processes > 1 or cfg.accelerate_config is not None
+    return wanted and LAUNCHED_ENV not in os.environ and "LOCAL_RANK" not in os.environ
+
+
+def launch(cfg: TrainConfig, module: str, args: list[str]) -> int:
+    """Run `python -m module args` as `train.num_processes` processes; their exit code."""
+    config = accelerate_config(cfg)
+    with socket.socket() as s:  # a free rendezvous port: runs side by side do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd += ["--num_processes", str(cfg.num_processes), "--main_process_port", str(port)]
+    cmd += ["--main_process_ip", "127.0.0.1", "-m", module, *args]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONPATH": path}
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+class Processes:
+    """The processes training one model: just this one, or those `accelerate launch` started
+    (then an `Accelerator` wraps the model: DDP, FSDP or DeepSpeed, as launched)."""
+
+    def __init__(self, grad_accum: int):
+        self.grad_accum = grad_accum
+        self.acc = None
+        if "LOCAL_RANK" in os.environ:
+            from accelerate import Accelerator
+
+            self.acc = Accelerator(
+                cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum
+            )
+        self.rank = self.acc.process_index if self.acc else 0
+        self.world = self.acc.num_processes if self.acc else 1
+        self.is_main = self.rank == 0
+        self.device = self.acc.device if self.acc else None
+        kind = str(self.acc.distributed_type) if self.acc else ""
+        # Parameters or optimizer state split across ranks: no rank holds all of them.
+        self.sharded = "FSDP" in kind or "DEEPSPEED" in kind
+        self.deepspeed = "DEEPSPEED" in kind
+
+    def prepare(self, module: torch.nn.Module, optim, batch_size: int):
+        if not self.acc:
+            return module, optim
+        if self.deepspeed:  # without a dataloader DeepSpeed cannot infer it
+            plugin = self.acc.state.deepspeed_plugin
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        return self.acc.prepare(module, optim)
+
+    def shard(self, idxs: list[int]) -> tuple[list[int], float]:
+        """This rank's part of a global batch and its loss weight. A rank left without
+        examples (a batch smaller than the world) repeats one with weight 0: every rank must
+        run forward and backward for the gradient all-reduce."""
+        mine = idxs[self.rank :: self.world]
+        return (mine, 1.0) if mine else (idxs[:1], 0.0)
+
+    def micro_step(self, module):
+        """Gradients sync only on the last micro-batch of an optimizer step."""
+        return self.acc.accumulate(module) if self.acc else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.acc:
+            self.acc.backward(loss)  # divides by grad_accum itself
+        else:
+            (loss / self.grad_accum).backward()
+
+    def clip_grad_norm(self, module, params, max_norm: float) -> float:
+        if not self.acc:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = self.acc.clip_grad_norm_(module.parameters(), max_norm)
+        return float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside
+
+    def sum(self, value: float) -> float:
+        """`value` summed over the ranks (for the logged loss)."""
+        if not self.acc:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.acc.reduce(t, reduction="sum"))
+
+    def mean(self, value: float) -> float:
+        """The ranks' mean: one value every rank agrees on (early stopping must stop all)."""
+        return self.sum(value) / self.world
+
+    def wait(self) -> None:
+        if self.acc:
+            self.acc.wait_for_everyone()
+
+    def gathered_state(self, module) -> dict | None:
+        """The full state dict where parameters are sharded (every rank must call it; rank 0
+        gets it), else None: the unwrapped model holds them all."""
+        return self.acc.get_state_dict(module) if self.sharded else None
+
+    def end(self) -> None:
+        if self.acc:
+            self.acc.end_training()  # destroys the process group
