@@ -56,23 +56,27 @@ def _time_steps(model, batch, steps: int, step_fn) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-5)
     times = []
+    cuda = next(model.parameters()).is_cuda
     for i in range(steps + 1):
         start = time.perf_counter()
         loss = step_fn(model, batch)
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
+        if cuda:  # kernels run asynchronously: the step ends when the GPU is done
+            torch.cuda.synchronize()
         if i:  # the first step pays for allocation and kernel selection
             times.append(time.perf_counter() - start)
     return sum(times) / len(times)
 
 
-def bench_train(p: Params, steps: int = 3) -> Path:
-    """Same model, LoRA config, 8 training examples: a naive step (fp32, logits at every
-    position, batch padded to its longest member) vs the sqlops step (bf16 autocast where
-    chosen, logits only at SQL positions)."""
+def bench_train(p: Params, steps: int | None = None) -> Path:
+    """Same model, LoRA config, 8 training examples, on the device training would use: a naive
+    step (fp32, logits at every position, batch padded to its longest member) vs the sqlops
+    step (bf16 autocast where chosen, shared prefix once, logits only at SQL positions)."""
     cfg = p.train
-    _, dtype = devices.pick_device(cfg.precision)
+    device, dtype = devices.pick_device(cfg.precision)
+    steps = steps or (20 if device.type == "cuda" else 3)
     model, tok = load_base(p.path("base_model"))
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -89,6 +93,8 @@ def bench_train(p: Params, steps: int = 3) -> Path:
     examples, _, _ = batches.tokenize(records, tok, cfg.max_length)
     batch = batches.collate(examples, tok.pad_token_id)
     n_tokens = int(batch["attention_mask"].sum())
+    model.to(device)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def naive(m, b):
         # Every sequence in full, logits at every position, fp32: what model(labels=...) does.
@@ -97,12 +103,16 @@ def bench_train(p: Params, steps: int = 3) -> Path:
         ).loss
 
     def sqlops(m, b):
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
             return completion_loss(m, b)[0]
 
+    share = devices.shares_prefix(cfg.shared_prefix, device)
+    unshared = {**batch, "prefix_len": torch.zeros_like(batch["prefix_len"])}
     naive_s = _time_steps(model, batch, steps, naive)
-    sqlops_s = _time_steps(model, batch, steps, sqlops)
+    sqlops_s = _time_steps(model, batch if share else unshared, steps, sqlops)
+    # The road not taken by `train.shared_prefix`, for the record.
+    other_s = _time_steps(model, unshared if share else batch, steps, sqlops)
     return _write(
         "train",
         {
@@ -123,8 +133,14 @@ def bench_train(p: Params, steps: int = 3) -> Path:
                 "shared_prefix_tokens": int(batch["prefix_len"]),
                 "sqlops_precision": str(dtype or "fp32"),
                 "timed_steps": steps,
-                "s_per_step": {"sqlops": sqlops_s, "naive": naive_s},
+                "shared_prefix": share,
+                "s_per_step": {
+                    "sqlops": sqlops_s,
+                    "naive": naive_s,
+                    f"sqlops_with_shared_prefix_{'off' if share else 'on'}": other_s,
+                },
                 "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "machine": platform.processor() or platform.machine(),
             },
         },

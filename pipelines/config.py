@@ -83,6 +83,7 @@ class TrainConfig(_Block):
     max_steps: int  # optimizer steps
     max_length: int  # examples longer than this (tokens) are truncated from the left of the DDL
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where it helps
+    shared_prefix: Literal["auto", "on", "off"]  # batch prefix (system + DDL) once; auto: on CPU
     log_every: int  # steps between metric logs
     checkpoint_every: int  # steps between resumable checkpoints
     dev_examples: int  # in-domain examples held out of training for the eval loss (0 = none)

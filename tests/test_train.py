@@ -26,6 +26,7 @@ CFG = dict(
     max_steps=4,
     max_length=512,
     precision="fp32",
+    shared_prefix="auto",
     log_every=1,
     checkpoint_every=2,
     dev_examples=1,

@@ -91,7 +91,10 @@ def shared_prefix_len(examples: list[Example]) -> int:
     return n
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[Example], pad_id: int, share_prefix: bool = True
+) -> dict[str, torch.Tensor]:
+    """Padded tensors of a batch; `prefix_len` > 0 lets the loss run the shared prefix once."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -101,5 +104,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
         labels[i, e.n_prompt : n] = ids[i, e.n_prompt : n]
-    prefix = torch.tensor(shared_prefix_len(examples) if len(examples) > 1 else 0)
+    share = share_prefix and len(examples) > 1
+    prefix = torch.tensor(shared_prefix_len(examples) if share else 0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prefix_len": prefix}

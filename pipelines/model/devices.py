@@ -59,6 +59,14 @@ def pick_device(
     return device, torch.bfloat16 if use_bf16 else None
 
 
+def shares_prefix(setting: str, device: torch.device) -> bool:
+    """Whether a batch's shared prefix runs once (`train.shared_prefix`). `auto`: on CPU, where
+    it saves most of a step; not on CUDA, where a small model's step is bound by kernel
+    launches and two decoder passes cost more than the compute they save (`make bench` on an
+    H100, SmolLM2-135M: README)."""
+    return setting == "on" or (setting == "auto" and device.type != "cuda")
+
+
 def check_quantization(quantization: str) -> None:
     """QLoRA needs bitsandbytes and a CUDA GPU: say which is missing before any work."""
     if quantization == "none":

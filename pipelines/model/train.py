@@ -79,6 +79,7 @@ def run(
     if not procs.is_main:
         log.setLevel(logging.WARNING)  # rank 0 reports
     device, autocast_dtype = devices.pick_device(cfg.precision, procs.device, procs.world)
+    share_prefix = devices.shares_prefix(cfg.shared_prefix, device)
     model, tok = devices.load_for_training(base_dir, cfg.quantization, device)
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -173,7 +174,7 @@ def run(
             return contextlib.nullcontext()
 
         def batch_of(pool: list[Example], idxs: list[int]) -> dict[str, torch.Tensor]:
-            batch = collate([pool[i] for i in idxs], tok.pad_token_id)
+            batch = collate([pool[i] for i in idxs], tok.pad_token_id, share_prefix)
             return {k: v.to(device) for k, v in batch.items()}
 
         loss_module.train()
@@ -279,6 +280,7 @@ def run(
             "device": device.type,
             "processes": procs.world,
             "optimizer": "adamw_fused" if fused else "adamw",
+            "shared_prefix": share_prefix,
             "quantization": cfg.quantization,
         }
         (adapter_dir / "train_info.json").write_text(json.dumps(info, indent=2))
