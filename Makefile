@@ -42,8 +42,10 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# sqlops vs a baseline in the same run; writes reports/bench/<name>.json (needs `dvc repro`).
-bench: setup
+# sqlops vs a baseline in the same run; writes reports/bench/<name>.json (train, generation).
+# The generation bench measures the backend sqlops picks (vLLM from serve-setup) against
+# transformers batched; it uses the trained adapter when `dvc repro train` has made one.
+bench: setup serve-setup
 	$(BIN)/dvc repro base_model prepare
 	$(BIN)/python -m pipelines.bench
 

@@ -26,6 +26,7 @@ from pipelines.data.records import read_jsonl
 from pipelines.eval.evaluate import sample_eval
 from pipelines.model import backends, batches, train
 from pipelines.model.base import load_base
+from pipelines.model.generate import generate_sql
 from pipelines.model.prompt import build_prompt
 from pipelines.sql import extract_sql
 
@@ -167,6 +168,8 @@ def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -
     model, _ = load_base(spec.base_dir, spec.adapter_dir)
     base_texts, base_tokens, base_s = _plain_batched(model, tok, prompts, 16, max_new_tokens)
     base_total = time.monotonic() - start
+    # sqlops' own transformers path (the fallback backend): shared-prefix batches, fp32.
+    own = generate_sql(model, tok, prompts, 16, max_new_tokens)
     del model
     base_sql = [extract_sql(t) for t in base_texts]
 
@@ -194,12 +197,16 @@ def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -
                 "vllm_max_num_seqs": cfg.vllm_max_num_seqs if gen.backend == "vllm" else None,
                 "prompts": len(prompts),
                 "max_new_tokens": max_new_tokens,
-                "mean_prompt_tokens": sum(len(tok(x).input_ids) for x in prompts) / len(prompts),
+                "mean_prompt_tokens": sum(
+                    len(tok(x, add_special_tokens=False).input_ids) for x in prompts
+                )
+                / len(prompts),
                 "new_tokens": {"sqlops": gen.new_tokens, "baseline": base_tokens},
                 "generation_seconds": {"sqlops": gen.seconds, "baseline": base_s},
                 # Start-up counted too: model load, merge (once per adapter), vLLM engine.
                 "end_to_end_seconds": {"sqlops": total, "baseline": base_total},
                 "vllm_engine_start_seconds": gen.load_seconds,
+                "transformers_shared_prefix_tokens_per_s": own.tokens_per_s,
                 "same_sql_share": same,  # bf16 vs fp32 greedy may part ways on a few prompts
                 "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine(),

@@ -89,6 +89,7 @@ def model_loader(spec: str, p: Params, work_dir: Path) -> tuple[str, ModelLoader
     def load() -> ModelSpec:
         # The registered pyfunc checks the base weights hash and names its adapter's folder.
         uri, dst = f"models:/{name}/{mv.version}", work_dir / label
+        dst.mkdir(parents=True, exist_ok=True)
         wrapper = mlflow.pyfunc.load_model(uri, dst_path=str(dst)).unwrap_python_model()
         return ModelSpec(wrapper.base_dir, wrapper.adapter_dir, p.path("merged_models"))
 

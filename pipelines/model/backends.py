@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from pipelines.config import ROOT, EvaluateConfig
 from pipelines.model.generate import Generation, generate_sql
 from pipelines.model.merge import merged_model_dir
-from pipelines.serving.vllm_server import VLLM_VENV, vllm_cpu_env
+from pipelines.serving.vllm_server import RUN_DIR, VLLM_VENV, vllm_cpu_env
 
 log = logging.getLogger(__name__)
 VLLM_SCRIPT = Path(__file__).with_name("vllm_offline.py")
@@ -101,8 +101,10 @@ def generate_vllm(model_dir: Path, token_ids: list[list[int]], cfg: EvaluateConf
         "stop": STOP,
         "prompt_token_ids": token_ids,
     }
+    RUN_DIR.mkdir(exist_ok=True)
+    out = RUN_DIR / "vllm-offline.log"  # the last run's vLLM output, kept for a look
     with tempfile.TemporaryDirectory(prefix="sqlops-vllm-") as tmp:
-        req, res, out = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "log"
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         cmd = [str(VLLM_VENV / "bin" / "python"), str(VLLM_SCRIPT), str(req), str(res)]
         with out.open("wb") as log_file:
@@ -112,7 +114,7 @@ def generate_vllm(model_dir: Path, token_ids: list[list[int]], cfg: EvaluateConf
             )  # fmt: skip
         if proc.returncode != 0 or not res.is_file():
             tail = out.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{tail}")
+            raise RuntimeError(f"vLLM exited with {proc.returncode} (log: {out}):\n{tail}")
         return json.loads(res.read_text())
 
 
