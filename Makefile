@@ -42,9 +42,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# sqlops vs a baseline in the same run: reports/bench/train.json, then the serving bench
-# (reports/bench/gateway.json, reports/hot_swap.json) with vLLM + gateway started and stopped for
-# it; without a registered champion the serving part says so and is skipped (`make run` first).
+# sqlops vs a baseline in the same run: reports/bench/train.json and generation.json (the
+# backend sqlops picks, vLLM from serve-setup, vs transformers batched; the trained adapter when
+# `dvc repro train` made one), then the serving bench (reports/bench/gateway.json,
+# reports/hot_swap.json) with vLLM + gateway started and stopped for it; without a registered
+# champion the serving part says so and is skipped (`make run` first).
 bench: setup serve-setup
 	$(BIN)/dvc repro base_model prepare
 	$(BIN)/python -m pipelines.bench

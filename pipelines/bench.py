@@ -1,8 +1,10 @@
 """`make bench`: sqlops against a baseline, both measured in the same run on the same inputs.
 
-    python -m pipelines.bench train    training tokens/s: sqlops step vs a naive LoRA step
-    python -m pipelines.bench serving  seconds/request through the gateway vs vLLM directly,
-                                       then a hot swap under load (pipelines/serving/loadtest.py)
+    python -m pipelines.bench train        training tokens/s: sqlops step vs a naive LoRA step
+    python -m pipelines.bench generation   generation tokens/s: the backend sqlops picks
+                                           vs transformers batched (batch 16, fp32)
+    python -m pipelines.bench serving      seconds/request through the gateway vs vLLM directly,
+                                           then a hot swap under load (serving/loadtest.py)
 
 Each comparison writes `reports/bench/<name>.json` in the output contract of DESIGN.md:
 `{metric, unit, sqlops, baseline, baseline_name, ratio, setup}`; `serving` writes
@@ -26,9 +28,13 @@ from peft import LoraConfig, get_peft_model
 
 from pipelines.config import ROOT, Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
-from pipelines.model import batches, devices
+from pipelines.eval.evaluate import sample_eval
+from pipelines.model import backends, batches, devices
 from pipelines.model.base import load_base
+from pipelines.model.generate import generate_sql
 from pipelines.model.loss import completion_loss
+from pipelines.model.prompt import build_prompt
+from pipelines.sql import extract_sql
 
 log = logging.getLogger(__name__)
 BENCH_DIR = ROOT / "reports" / "bench"
@@ -147,6 +153,90 @@ def bench_train(p: Params, steps: int | None = None) -> Path:
     )
 
 
+@torch.inference_mode()
+def _plain_batched(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int):
+    """The baseline: transformers `generate` on batches in the given order, left padding, KV
+    cache, greedy, stop at `;`. Returns (texts, new tokens, seconds)."""
+    tok.padding_side = "left"
+    texts, new_tokens, start = [], 0, time.monotonic()
+    for b in range(0, len(prompts), batch_size):
+        enc = tok(prompts[b : b + batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=False)  # fmt: skip
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             stop_strings=backends.STOP, tokenizer=tok,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+        gen = out[:, enc.input_ids.shape[1] :]
+        new_tokens += int((gen != tok.pad_token_id).sum())
+        texts += tok.batch_decode(gen, skip_special_tokens=True)
+    return texts, new_tokens, time.monotonic() - start
+
+
+def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -> Path:
+    """The same eval prompts and budget through sqlops' generation path (the backend
+    `evaluate.backend` picks; with vLLM the tuned adapter merged into the base weights, or the
+    base weights when no adapter is trained) and through plain transformers batched
+    generation (batch 16, fp32, the adapter merged in memory), in this one run."""
+    cfg = p.evaluate.model_copy(update={"max_new_tokens": max_new_tokens})
+    adapter = p.path("adapter")
+    has_adapter = (adapter / "adapter_model.safetensors").is_file()
+    spec = backends.ModelSpec(
+        p.path("base_model"), adapter if has_adapter else None, p.path("merged_models")
+    )
+    records = sample_eval(read_jsonl(p.path("prepared") / "eval.jsonl"), n_prompts, p.seed)
+    tok = backends.load_tokenizer(spec.base_dir)
+    prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
+
+    start = time.monotonic()
+    model, _ = load_base(spec.base_dir, spec.adapter_dir)
+    base_texts, base_tokens, base_s = _plain_batched(model, tok, prompts, 16, max_new_tokens)
+    base_total = time.monotonic() - start
+    # sqlops' own transformers path (the fallback backend): shared-prefix batches, fp32.
+    own = generate_sql(model, tok, prompts, 16, max_new_tokens)
+    del model
+    base_sql = [extract_sql(t) for t in base_texts]
+
+    start = time.monotonic()
+    gen = backends.generate(spec, tok, prompts, cfg)
+    total = time.monotonic() - start  # merge (first time) + engine start-up + generation
+    same = sum(a == b for a, b in zip(gen.sql, base_sql, strict=True)) / len(prompts)
+    return _write(
+        "generation",
+        {
+            "metric": "generation tokens per second",
+            "unit": "tokens/s",
+            "sqlops": gen.tokens_per_s,
+            "baseline": base_tokens / base_s,
+            "baseline_name": "transformers batched generate (batch 16, left padding, KV cache, "
+            "fp32, greedy, stop at ';')",
+            "ratio": gen.tokens_per_s / (base_tokens / base_s),
+            "setup": {
+                "model": p.base_model.id,
+                "weights": "tuned adapter merged into the base weights"
+                if has_adapter
+                else "base weights (no adapter at paths.adapter)",
+                "sqlops_backend": gen.backend,
+                "sqlops_precision": "bf16" if gen.backend == "vllm" else "fp32",
+                "vllm_max_num_seqs": cfg.vllm_max_num_seqs if gen.backend == "vllm" else None,
+                "prompts": len(prompts),
+                "max_new_tokens": max_new_tokens,
+                "mean_prompt_tokens": sum(
+                    len(tok(x, add_special_tokens=False).input_ids) for x in prompts
+                )
+                / len(prompts),
+                "new_tokens": {"sqlops": gen.new_tokens, "baseline": base_tokens},
+                "generation_seconds": {"sqlops": gen.seconds, "baseline": base_s},
+                # Start-up counted too: model load, merge (once per adapter), vLLM engine.
+                "end_to_end_seconds": {"sqlops": total, "baseline": base_total},
+                "vllm_engine_start_seconds": gen.load_seconds,
+                "transformers_shared_prefix_tokens_per_s": own.tokens_per_s,
+                "same_sql_share": same,  # bf16 vs fp32 greedy may part ways on a few prompts
+                "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+            },
+        },
+    )
+
+
 def bench_serving(p: Params, out: Path = BENCH_DIR.parent, **load) -> dict | None:
     """Gateway vs direct vLLM and the hot swap (`loadtest.run`, `load` = its sizes), with vLLM +
     gateway started for it when not already up; None, with the reason logged, when skipped."""
@@ -163,7 +253,7 @@ def bench_serving(p: Params, out: Path = BENCH_DIR.parent, **load) -> dict | Non
 def main() -> None:
     setup_entry_point()
     parser = argparse.ArgumentParser(description=__doc__)
-    benches = {"train": bench_train, "serving": bench_serving}
+    benches = {"train": bench_train, "generation": bench_generation, "serving": bench_serving}
     parser.add_argument("name", nargs="*", help=f"one or more of {sorted(benches)} (default: all)")
     args = parser.parse_args()
     unknown = set(args.name) - set(benches)

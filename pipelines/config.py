@@ -37,6 +37,7 @@ class Paths(_Block):
     judge_cache: Path  # SQLite cache of judge verdicts (kept across runs, not a DVC output)
     monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
     feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
+    merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
 
 
 class BaseModelConfig(_Block):
@@ -117,6 +118,12 @@ class EvaluateConfig(_Block):
     sql_timeout_s: float  # per-query execution limit
     float_tolerance: float  # relative tolerance when comparing result values
     bootstrap_samples: int  # resamples for the 95% interval of execution accuracy
+    backend: Literal["auto", "vllm", "transformers"]  # generation backend (auto: vLLM if installed)
+    vllm_min_prompts: int  # auto uses vLLM from this many prompts on (its start-up costs ~30 s)
+    vllm_max_num_seqs: int  # vLLM max_num_seqs: sequences decoded together
+    vllm_max_model_len: int  # vLLM max_model_len (prompt + generated tokens)
+    vllm_kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE of the offline vLLM run
+    vllm_timeout_s: float  # an offline vLLM run taking longer is abandoned (auto: transformers)
     judge: JudgeConfig
 
 

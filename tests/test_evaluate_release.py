@@ -60,7 +60,10 @@ def _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, name="adapter"):
             "judge_cache": tmp_path / "judge.sqlite",
         }
     )
-    evaluate_cfg = p.evaluate.model_copy(update={"max_new_tokens": 8, "batch_size": 4})
+    # transformers: these tests compare predictions with `generate_sql` token for token.
+    evaluate_cfg = p.evaluate.model_copy(
+        update={"max_new_tokens": 8, "batch_size": 4, "backend": "transformers"}
+    )
     return p.model_copy(update={"paths": paths, "mlflow": mlflow_cfg, "evaluate": evaluate_cfg})
 
 
@@ -99,7 +102,13 @@ def test_evaluate_writes_the_output_contract(
     info = _train(p)
     cfg: EvaluateConfig = p.evaluate
     metrics, rows = evaluate.run(
-        cfg, 0, tiny_base_dir, p.path("adapter"), prepared_dir, p.path("judge_cache")
+        cfg,
+        0,
+        tiny_base_dir,
+        p.path("adapter"),
+        prepared_dir,
+        p.path("judge_cache"),
+        tmp_path / "merged",
     )
     assert metrics["n_examples"] == 10 and len(rows) == 20
     assert metrics["judge"]["status"] == "skipped" and metrics["judge"]["calls"] == 0

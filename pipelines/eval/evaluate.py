@@ -1,9 +1,10 @@
 """The `evaluate` stage: base vs fine-tuned model on the held-out eval split.
 
-For each model: batched greedy generation, then every predicted query is guarded and executed
-read-only against the example's database and compared with the gold result (execution
-accuracy), normalised and compared as text (exact match), and, when an OpenAI-compatible
-endpoint is configured, judged by an LLM (every example, or with
+For each model: greedy generation through `pipelines.model.backends` (offline vLLM on the
+merged weights when installed, transformers batched otherwise; `evaluate.backend`), then every
+predicted query is guarded and executed read-only against the example's database and compared
+with the gold result (execution accuracy), normalised and compared as text (exact match), and,
+when an OpenAI-compatible endpoint is configured, judged by an LLM (every example, or with
 `evaluate.judge.only_execution_failures` only those execution marks wrong). Writes the report
 (`pipelines.eval.report`: metrics/eval.json, predictions, the breakdown for DVC plots, the
 judge-vs-execution disagreements) and logs it into the training's MLflow run.
@@ -29,8 +30,7 @@ from pipelines.data.records import read_jsonl
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
 from pipelines.eval.metrics import disagreements, score_example, summarize
 from pipelines.eval.report import ReportPaths, model_names, write_report
-from pipelines.model.base import load_base
-from pipelines.model.generate import generate_sql
+from pipelines.model.backends import ModelSpec, generate, load_tokenizer
 from pipelines.model.prompt import build_prompt
 from pipelines.tracking import configure_mlflow
 
@@ -46,16 +46,16 @@ def sample_eval(records: list[dict], max_examples: int, seed: int) -> list[dict]
 
 
 def evaluate_model(
-    model,
-    tok,
+    spec: ModelSpec,
     records: list[dict],
     gold: list[sqlmod.ExecResult],
     db_dir: Path,
     cfg: EvaluateConfig,
 ) -> tuple[list[dict], float]:
     """Scored prediction rows for one model, and its generation speed (tokens/s)."""
+    tok = load_tokenizer(spec.base_dir)
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
-    gen = generate_sql(model, tok, prompts, cfg.batch_size, cfg.max_new_tokens)
+    gen = generate(spec, tok, prompts, cfg)
     rows = []
     for r, g, text, pred_sql in zip(records, gold, gen.texts, gen.sql, strict=True):
         pred = sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", pred_sql, cfg.sql_timeout_s)
@@ -107,7 +107,7 @@ def gold_results(records: list[dict], db_dir: Path, timeout_s: float) -> list[sq
     return [sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", r["sql"], timeout_s) for r in records]
 
 
-ModelLoader = Callable[[], tuple]  # () -> (model, tokenizer), called when the model's turn comes
+ModelLoader = Callable[[], ModelSpec]  # called when the model's turn comes
 
 
 def evaluate_models(
@@ -123,10 +123,8 @@ def evaluate_models(
     time. Returns (metrics in the eval.json shape, one `M` block per model name; rows)."""
     all_rows, speed = [], {}
     for name, load in models.items():
-        model, tok = load()
-        rows, speed[name] = evaluate_model(model, tok, records, gold, db_dir, cfg)
+        rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg)
         all_rows += [{"model": name, **row} for row in rows]
-        del model
     report = apply_judge(all_rows, records, cfg, judge_cache)
     failures_only = cfg.judge.only_execution_failures
     metrics = {
@@ -157,6 +155,7 @@ def run(
     adapter_dir: Path,
     prepared_dir: Path,
     judge_cache: Path,
+    merged_root: Path,
 ) -> tuple[dict, list[dict]]:
     """(metrics in the eval.json shape, prediction rows of both models)."""
     records = sample_eval(read_jsonl(prepared_dir / "eval.jsonl"), cfg.max_examples, seed)
@@ -166,8 +165,8 @@ def run(
     if broken:
         raise ValueError(f"gold SQL fails to execute for {len(broken)} examples, e.g. {broken[:5]}")
     models = {
-        "base": lambda: load_base(base_dir),
-        "tuned": lambda: load_base(base_dir, adapter_dir),
+        "base": lambda: ModelSpec(base_dir),
+        "tuned": lambda: ModelSpec(base_dir, adapter_dir, merged_root),
     }
     return evaluate_models(models, records, gold, db_dir, cfg, seed, judge_cache)
 
@@ -238,7 +237,13 @@ def main() -> None:
     p = load_params()
     adapter = p.path("adapter")
     metrics, rows = run(
-        p.evaluate, p.seed, p.path("base_model"), adapter, p.path("prepared"), p.path("judge_cache")
+        p.evaluate,
+        p.seed,
+        p.path("base_model"),
+        adapter,
+        p.path("prepared"),
+        p.path("judge_cache"),
+        p.path("merged_models"),
     )
     paths = report_paths(p)
     write_report(paths, metrics, rows)

@@ -8,7 +8,8 @@ copied under DIR/databases, and the models are scored by `evaluate_models`, the 
 stage's own loop: DIR gets the same report (eval.json, predictions, breakdown, disagreements)
 and an MLflow run (`eval-<dataset>`) gets the figures and tables. A registered version loads
 through its MLflow pyfunc (LoRA adapter artifact on the base model it references, whose weights
-hash must match); `base` is `paths.base_model` alone.
+hash must match) and generates through `pipelines.model.backends` like the `evaluate` stage;
+`base` is `paths.base_model` alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipelines.eval.evaluate import (
     sample_eval,
 )
 from pipelines.eval.report import ReportPaths, write_report
-from pipelines.model.base import load_base
+from pipelines.model.backends import ModelSpec
 from pipelines.sql import ddl_of
 from pipelines.tracking import configure_mlflow
 
@@ -62,11 +63,12 @@ def load_dataset(dataset: str, max_examples: int, seed: int, db_dir: Path) -> li
     return records
 
 
-def model_loader(spec: str, p: Params) -> tuple[str, ModelLoader, dict]:
-    """(report label, loader, lineage) for `base` or `models:/<name>@<alias>|/<version>`."""
+def model_loader(spec: str, p: Params, work_dir: Path) -> tuple[str, ModelLoader, dict]:
+    """(report label, loader, lineage) for `base` or `models:/<name>@<alias>|/<version>`;
+    a registered version's files are downloaded under `work_dir`."""
     if spec == "base":
         base_dir = p.path("base_model")
-        return "base", lambda: load_base(base_dir), {"uri": "base", "path": str(base_dir)}
+        return "base", lambda: ModelSpec(base_dir), {"uri": "base", "path": str(base_dir)}
     if not spec.startswith("models:/"):
         raise ValueError(f"--model must be `base` or models:/<name>@<alias>, got {spec!r}")
     ref = spec.removeprefix("models:/")
@@ -84,10 +86,12 @@ def model_loader(spec: str, p: Params) -> tuple[str, ModelLoader, dict]:
         raise ValueError(f"{spec}: no such registered model version ({e.message})") from e
     info = {"uri": spec, "name": name, "version": int(mv.version), "run_id": mv.run_id}
 
-    def load() -> tuple:
-        # The registered pyfunc checks the base weights hash and applies the adapter.
-        wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
-        return wrapper.model, wrapper.tok
+    def load() -> ModelSpec:
+        # The registered pyfunc checks the base weights hash and names its adapter's folder.
+        uri, dst = f"models:/{name}/{mv.version}", work_dir / label
+        dst.mkdir(parents=True, exist_ok=True)
+        wrapper = mlflow.pyfunc.load_model(uri, dst_path=str(dst)).unwrap_python_model()
+        return ModelSpec(wrapper.base_dir, wrapper.adapter_dir, p.path("merged_models"))
 
     return label, load, info  # the label names MLflow metrics: no `@` or `/`
 
@@ -108,7 +112,7 @@ def run(
     configure_mlflow(p.mlflow)
     models, lineage = {}, {}
     for spec in model_specs:  # resolve every model before the slow part
-        label, models[label], lineage[label] = model_loader(spec, p)
+        label, models[label], lineage[label] = model_loader(spec, p, out_dir / "models")
 
     db_dir = out_dir / "databases"
     records = load_dataset(dataset, cfg.max_examples, p.seed, db_dir)

@@ -23,7 +23,7 @@ from pipelines.config import ROOT, Params
 from pipelines.data.records import read_jsonl
 from pipelines.eval.evaluate import evaluate_model, gold_results, sample_eval
 from pipelines.model import train
-from pipelines.model.base import load_base
+from pipelines.model.backends import ModelSpec
 
 log = logging.getLogger(__name__)
 OUT_DIR = ROOT / "reports" / "experiments"
@@ -58,8 +58,8 @@ def run(
         info = train.run(
             cfg, p.seed, p.path("base_model"), prepared, adapter, work / "checkpoint", p.mlflow
         )
-        model, tok = load_base(p.path("base_model"), adapter)
-        scored, _ = evaluate_model(model, tok, records, gold, db_dir, p.evaluate)
+        spec = ModelSpec(p.path("base_model"), adapter, work / "merged")
+        scored, _ = evaluate_model(spec, records, gold, db_dir, p.evaluate)
         accuracy = sum(r["execution_match"] for r in scored) / len(scored)
         rows.append(
             {
@@ -77,6 +77,7 @@ def run(
             mlflow.log_metric("tuned_execution_accuracy", accuracy)
         log.info("%s: execution accuracy %.3f", label, accuracy)
         shutil.rmtree(adapter)  # the MLflow run keeps the adapter
+        shutil.rmtree(work / "merged", ignore_errors=True)  # vLLM's merged copy, if any
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
     md = out_dir / f"{name}.md"

@@ -1,10 +1,10 @@
 """Batched greedy SQL generation with transformers (KV cache, stop at `;`).
 
-Used by `evaluate` and by the registered MLflow model. Prompts for one database share their
-system line and DDL (~85% of the prompt). Batches are formed per shared prefix: the prefix is
-run once, its key/value cache copied to every row, and each row's own tail is padded between
-prefix and tail (the attention mask hides the gap, positions continue from the prefix). Results
-come back in the caller's order.
+The transformers backend of `pipelines.model.backends`, and what the registered MLflow model
+runs. Prompts for one database share their system line and DDL (~85% of the prompt). Batches
+are formed per shared prefix: the prefix is run once, its key/value cache copied to every row,
+and each row's own tail is padded between prefix and tail (the attention mask hides the gap,
+positions continue from the prefix). Results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -26,8 +26,15 @@ MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forwa
 class Generation:
     texts: list[str]  # raw model output per prompt
     sql: list[str]  # the SQL statement extracted from each output
-    new_tokens: int  # tokens generated over all prompts
-    seconds: float
+    new_tokens: int  # tokens generated over all prompts (end of turn not counted)
+    seconds: float  # generation time, model loading not included
+    backend: str = "transformers"
+    load_seconds: float = 0.0  # engine start-up where the backend has one (vLLM)
+
+    @classmethod
+    def of(cls, texts: list[str], new_tokens: int, seconds: float, backend: str) -> Generation:
+        """From raw outputs: every backend's SQL comes out of the same `extract_sql`."""
+        return cls(texts, [extract_sql(t) for t in texts], new_tokens, seconds, backend)
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,7 +110,7 @@ def generate_sql(
         for i, row in zip(idxs, gen, strict=True):
             texts[i] = tok.decode(row, skip_special_tokens=True)
     seconds = time.monotonic() - start
-    result = Generation(texts, [extract_sql(t) for t in texts], new_tokens, seconds)
+    result = Generation.of(texts, new_tokens, seconds, "transformers")
     log.info(
         "generated %d prompts, %d tokens in %.1f s (%.0f tok/s; transformers, batch %d, "
         "%d prompt tokens served from shared-prefix caches)",

