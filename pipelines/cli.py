@@ -44,14 +44,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from pipelines.release.deploy import MlflowRegistry, route_to
     from pipelines.release.registry import rollback
     from pipelines.serving.backend import vllm_url
-    from pipelines.serving.vllm_server import VLLMAdmin
+    from pipelines.serving.vllm_server import VLLMAdmin, model_server
 
     p = load_params()
     before, after = rollback(p, args.to)
     print(f"champion: v{before} -> v{after}")
     admin = VLLMAdmin(vllm_url(p.serving))
     if admin.healthy():
-        route = route_to(p, after, admin, MlflowRegistry(p))
+        route = route_to(p, after, model_server(p), MlflowRegistry(p))
         print(f"gateway now serves {route.model}")
     else:
         print("vLLM is not running: the next `sqlops deploy` or `sqlops serve` serves it")

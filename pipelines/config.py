@@ -156,6 +156,8 @@ class ServingConfig(_Block):
     vllm_kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE for a locally started vLLM on CPU
     max_lora_rank: int  # vLLM --max-lora-rank (at least train.lora_r)
     vllm_max_model_len: int  # vLLM --max-model-len (prompt + SQL tokens)
+    merged: bool  # serve the adapter merged into the base weights (faster; a switch restarts
+    # vLLM, 503s meanwhile) instead of runtime-loaded LoRA adapters (hot swap, no downtime)
 
 
 class MonitoringConfig(_Block):

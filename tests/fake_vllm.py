@@ -4,14 +4,21 @@ It speaks the parts of vLLM's API the product uses: `POST /v1/completions` (only
 adapters, 404 otherwise, as vLLM does), `GET /v1/models`, `POST /v1/load_lora_adapter`,
 `POST /v1/unload_lora_adapter`, `GET /health`. The completion is looked up by the prompt's
 question in `answers` (the tests' oracle); `stop()` / `start()` on the same port simulate vLLM
-going down and coming back.
+going down and coming back. `lora=False` acts as a vLLM serving merged weights: one model under
+its `--served-model-name`, no LoRA endpoints; `python -m tests.fake_vllm --port P
+--served-model-name NAME --model DIR --answers FILE` runs that as a process (merged-serving
+restarts are real process restarts).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -22,9 +29,17 @@ _QUESTION = re.compile(r"### Question:\n(.*?)(?:\n|$)", re.S)
 
 
 class FakeVLLM:
-    def __init__(self, answers: dict[str, str] | None = None, base: str = "base"):
+    def __init__(
+        self,
+        answers: dict[str, str] | None = None,
+        base: str = "base",
+        lora: bool = True,
+        root: str | None = None,
+    ):
         self.answers = answers or {}  # question -> completion text
-        self.base = base
+        self.base = base  # the served model name
+        self.root = root or base  # the model directory /v1/models reports
+        self.lora = lora  # runtime LoRA endpoints on (adapter serving) or absent (merged)
         self.adapters: dict[str, str] = {}  # loaded name -> path
         self.calls: Counter[str] = Counter()  # completions served, by model
         self.delay_s = 0.0  # added to every completion (load tests)
@@ -50,28 +65,15 @@ class FakeVLLM:
 
         @app.get("/v1/models")
         async def models() -> dict:
-            data = [{"id": self.base, "object": "model", "root": self.base, "parent": None}]
+            data = [{"id": self.base, "object": "model", "root": self.root, "parent": None}]
             data += [
                 {"id": n, "object": "model", "root": p, "parent": self.base}
                 for n, p in self.adapters.items()
             ]
             return {"object": "list", "data": data}
 
-        @app.post("/v1/load_lora_adapter")
-        async def load(request: Request):
-            body = await request.json()
-            name = body["lora_name"]
-            if name in self.adapters:
-                return _error(400, f"The lora adapter '{name}' has already been loaded.")
-            self.adapters[name] = body["lora_path"]
-            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-        @app.post("/v1/unload_lora_adapter")
-        async def unload(request: Request):
-            name = (await request.json())["lora_name"]
-            if self.adapters.pop(name, None) is None:
-                return _error(404, f"The lora adapter '{name}' cannot be found.")
-            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        if self.lora:
+            self._lora_routes(app)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -100,6 +102,23 @@ class FakeVLLM:
 
         return app
 
+    def _lora_routes(self, app: FastAPI) -> None:
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request):
+            body = await request.json()
+            name = body["lora_name"]
+            if name in self.adapters:
+                return _error(400, f"The lora adapter '{name}' has already been loaded.")
+            self.adapters[name] = body["lora_path"]
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request):
+            name = (await request.json())["lora_name"]
+            if self.adapters.pop(name, None) is None:
+                return _error(404, f"The lora adapter '{name}' cannot be found.")
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
     def start(self) -> FakeVLLM:
         self._server = LoopbackServer(self.app, self.port).start()  # same port after a stop
         self.port = self._server.port
@@ -120,3 +139,25 @@ class FakeVLLM:
 def _error(status: int, message: str) -> JSONResponse:
     body = {"error": {"message": message, "type": "BadRequestError", "code": status}}
     return JSONResponse(body, status_code=status)
+
+
+def main() -> None:
+    """A merged-model server process until SIGTERM."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--served-model-name", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--answers", required=True, help="JSON file: question -> completion")
+    args = ap.parse_args()
+    answers = json.loads(Path(args.answers).read_text())
+    fake = FakeVLLM(answers, base=args.served_model_name, lora=False, root=args.model)
+    fake.port = args.port
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait, not as an exit
+    fake.start()
+    signal.sigwait(stop)
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()

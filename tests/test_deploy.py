@@ -60,7 +60,7 @@ def env(tmp_path, prepared_dir, tiny_base_dir):
 
 def run_deploy(env, version=None, **kw):
     p, _, admin, registry, service = env
-    return deploy(p, version, admin=admin, registry=registry, service=service, **kw)
+    return deploy(p, version, server=admin, registry=registry, service=service, **kw)
 
 
 def test_deploy_loads_routes_and_smoke_tests(env):

@@ -94,7 +94,7 @@ def test_adapter_hot_loads_and_gateway_answers(real_vllm):
     backend = VLLMCompletions(admin.root + "/v1", 120, 48)
     service = Text2SQL(p.serving, p.path("prepared") / "databases", tok, backend)
     registry = AdapterDir(adapter)
-    r = deploy(p, 1, admin=admin, registry=registry, service=service)
+    r = deploy(p, 1, server=admin, registry=registry, service=service)
     assert r.ok and admin.loaded() == ["text2sql-v1"]
 
     ilog = InferenceLog(f"sqlite:///{tmp}/inference.db")

@@ -1,13 +1,16 @@
-"""Deployment: put a registered adapter behind the gateway without restarting anything.
+"""Deployment: put a registered adapter behind the gateway.
 
-deploy(p, version)  start vLLM on loopback if it is not running (`--enable-lora`, runtime LoRA
-                    updating on) → copy the version's adapter out of MLflow (once, immutable) →
-                    load it as `<model>-v<N>` via /v1/load_lora_adapter → route the gateway to it
-                    → smoke test (canary questions must give SQL that executes) → on failure the
-                    route and the `champion` alias return to the previous version by themselves
-                    → unload adapters beyond `serving.keep_adapters`.
+deploy(p, version)  copy the version's adapter out of MLflow (once, immutable) → make vLLM serve
+                    it as `<model>-v<N>` → route the gateway to it → smoke test (canary
+                    questions must give SQL that executes) → on failure the route and the
+                    `champion` alias return to the previous version by themselves → unload
+                    adapters beyond `serving.keep_adapters`.
 
-The vLLM admin API, the registry and the smoke-test service are arguments with real defaults,
+"Make vLLM serve it" is the model server's `serve(name, adapter)` (pipelines/serving/
+vllm_server.py): a runtime LoRA load into a running vLLM (default, no restart of anything), or
+with `serving.merged` a restart of vLLM on the adapter merged into the base weights.
+
+The model server, the registry and the smoke-test service are arguments with real defaults,
 so tests run the whole sequence against a local stand-in. Called by `sqlops deploy|serve|
 rollback` and by flows/release.py; nothing here runs in DVC.
 """
@@ -32,7 +35,7 @@ from pipelines.config import ROOT, Params
 from pipelines.serving.backend import VLLMCompletions, vllm_url
 from pipelines.serving.gateway import Text2SQL
 from pipelines.serving.routing import Route, adapter_name, read_route, write_route
-from pipelines.serving.vllm_server import VLLMAdmin, ensure_vllm, start_background
+from pipelines.serving.vllm_server import ModelServer, model_server, start_background
 
 log = logging.getLogger(__name__)
 SMOKE_FAILURE_DB = "__forced_smoke_failure__"  # a canary that cannot pass (drills, tests)
@@ -146,18 +149,18 @@ def smoke_test(
     return SmokeResult(passed, n_ok, len(questions), failures)
 
 
-def prune(admin: VLLMAdmin, model_name: str, keep: int, routed: str) -> list[str]:
+def prune(server: ModelServer, model_name: str, keep: int, routed: str) -> list[str]:
     """Unload our adapters beyond the newest `keep` (the routed one always stays)."""
     pattern = re.compile(rf"^{re.escape(model_name)}-v(\d+)$")
     ours = sorted(
-        (n for n in admin.loaded() if pattern.match(n)),
+        (n for n in server.loaded() if pattern.match(n)),
         key=lambda n: int(pattern.match(n).group(1)),
         reverse=True,
     )
     kept = [routed] + [n for n in ours if n != routed][: max(keep - 1, 0)]
     gone = [n for n in ours if n not in kept]
     for n in gone:
-        admin.unload(n)
+        server.unload(n)
     return gone
 
 
@@ -165,7 +168,7 @@ def deploy(
     p: Params,
     version: int | None = None,
     *,
-    admin: VLLMAdmin | None = None,
+    server: ModelServer | None = None,
     registry: Registry | None = None,
     service: Text2SQL | None = None,
     force_smoke_failure: bool = False,
@@ -173,7 +176,7 @@ def deploy(
     """Serve `version` (default: the champion); roll back by itself when the smoke test fails."""
     cfg = p.serving
     registry = registry or MlflowRegistry(p)
-    admin = admin or ensure_vllm(p)
+    server = server or model_server(p)
     version = version or registry.champion()
     if version is None:
         raise ValueError("no champion to deploy: run `sqlops release` first")
@@ -181,11 +184,12 @@ def deploy(
     name = adapter_name(p.registry.model_name, version)
     previous = read_route(routing)
     path = registry.adapter_path(version)
-    admin.load(name, path)
+    server.serve(name, path)
     service = service or smoke_service(p)
     questions = canaries(p, cfg.smoke_questions)
-    route = Route(name, version, time.time(), str(path))
-    # The first LoRA batch in a vLLM process is very slow: pay it before users are routed here.
+    route = served_route(p, name, version, path)
+    # The first batch in a vLLM process (LoRA's above all) is very slow: pay it before users
+    # are routed here.
     smoke_test(service, route, questions[:1], 0.0)
     write_route(routing, route)
     log.info("routed the gateway to %s (was %s)", name, previous.model if previous else None)
@@ -198,21 +202,22 @@ def deploy(
     if not smoke.passed:
         for failure in smoke.failures:
             log.warning("smoke failure: %s", failure)
-        result.rolled_back_to = revert(p, admin, registry, routing, failed=route, to=previous)
+        result.rolled_back_to = revert(p, server, registry, routing, failed=route, to=previous)
         return result
-    result.unloaded = prune(admin, p.registry.model_name, cfg.keep_adapters, name)
+    result.unloaded = prune(server, p.registry.model_name, cfg.keep_adapters, name)
     return result
 
 
 def revert(
     p: Params,
-    admin: VLLMAdmin,
+    server: ModelServer,
     registry: Registry,
     routing: Path,
     failed: Route,
     to: Route | None,
 ) -> int | None:
-    """Route back to the previous adapter and move `champion` back with it."""
+    """Route back to the previous version (loaded again, or vLLM restarted on it when merged)
+    and move `champion` back with it."""
     if to is None:
         routing.unlink(missing_ok=True)  # nothing served before: the gateway answers 503
         log.error("smoke test failed and there is no previous version to return to")
@@ -221,21 +226,28 @@ def revert(
         log.error("smoke test of the version already served failed; routing left as it was")
         return None
     path = registry.adapter_path(to.version)
-    admin.load(to.model, path)  # still loaded unless pruned
-    write_route(routing, Route(to.model, to.version, time.time(), str(path)))
+    server.serve(to.model, path)  # an adapter is still loaded unless pruned
+    write_route(routing, served_route(p, to.model, to.version, path))
     if registry.champion() != to.version:
         registry.set_champion(to.version)
-    admin.unload(failed.model)
+    server.unload(failed.model)
     log.warning("rolled back: serving %s again, champion v%d", to.model, to.version)
     return to.version
 
 
-def route_to(p: Params, version: int, admin: VLLMAdmin, registry: Registry) -> Route:
-    """Serve `version` now (after `sqlops rollback` moved the alias): load it and route to it."""
+def served_route(p: Params, name: str, version: int, adapter: Path) -> Route:
+    """The route to a served version. With merged serving it names no adapter: the gateway
+    must not try to load a LoRA into a vLLM that serves merged weights (a 404 there is a 503)."""
+    return Route(name, version, time.time(), None if p.serving.merged else str(adapter))
+
+
+def route_to(p: Params, version: int, server: ModelServer, registry: Registry) -> Route:
+    """Serve `version` now (after `sqlops rollback` moved the alias, or after vLLM restarted)
+    and route to it."""
     name = adapter_name(p.registry.model_name, version)
     path = registry.adapter_path(version)
-    admin.load(name, path)
-    route = Route(name, version, time.time(), str(path))
+    server.serve(name, path)
+    route = served_route(p, name, version, path)
     write_route(ROOT / p.serving.routing_file, route)
     log.info("routed the gateway to %s", name)
     return route
@@ -254,7 +266,8 @@ def smoke_service(p: Params) -> Text2SQL:
 
 
 def serve(p: Params, background: bool) -> int:
-    """vLLM (started if needed) with the routed adapter (the champion on first use) + gateway."""
+    """vLLM (started if needed) serving the routed version (the champion on first use) +
+    gateway."""
     import sys
 
     cfg = p.serving
@@ -262,17 +275,14 @@ def serve(p: Params, background: bool) -> int:
     registry = MlflowRegistry(p)
     if route is None and registry.champion() is None:
         raise ValueError("no champion to serve: run `sqlops release` first")
-    admin = ensure_vllm(p)
+    server = model_server(p)
     if route is None:
-        result = deploy(p, admin=admin, registry=registry)
+        result = deploy(p, server=server, registry=registry)
         if not result.ok:
             log.error("the champion failed its smoke test; not starting the gateway")
             return 1
-    elif route.model not in admin.loaded():  # vLLM was restarted: adapters are gone
-        if route.adapter_path:
-            admin.load(route.model, Path(route.adapter_path))
-        else:
-            route_to(p, route.version, admin, registry)
+    elif route.model not in server.loaded():  # vLLM was (re)started: the version is not on it
+        route_to(p, route.version, server, registry)
     url = f"http://{cfg.host}:{cfg.gateway_port}"
     if not background:
         from pipelines.serving.gateway import main
@@ -286,7 +296,7 @@ def serve(p: Params, background: bool) -> int:
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                print(f"gateway: {url} (pid {pid}, log .run/gateway.log); vLLM: {admin.root}")
+                print(f"gateway: {url} (pid {pid}, log .run/gateway.log); vLLM: {server.root}")
                 print("stop both with: sqlops serve --stop (or make serve-stop)")
                 return 0
         except httpx.HTTPError:

@@ -3,7 +3,8 @@
 `VLLMCompletions.complete(model, prompt)` sends the already chat-formatted prompt (greedy, up to
 `serving.max_new_tokens`) and turns every way the server can fail into `BackendUnavailable`
 with the reason, which the gateway answers as a 503. An adapter missing after a vLLM restart is
-loaded again from the path the routing file names.
+loaded again from the path the routing file names (none with merged serving: a vLLM restarting
+on another merged model is a 503 until the route follows it).
 """
 
 from __future__ import annotations

@@ -155,6 +155,8 @@ def hot_swap(p: Params, n: int, concurrency: int, swaps: int) -> dict:
     from pipelines.serving.vllm_server import VLLMAdmin
 
     cfg = p.serving
+    if cfg.merged:
+        return {"skipped": "serving.merged: a switch restarts vLLM (no hot swap to measure)"}
     routing = ROOT / cfg.routing_file
     route = read_route(routing)
     admin = VLLMAdmin(vllm_url(cfg))

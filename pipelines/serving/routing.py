@@ -1,8 +1,9 @@
-"""Which adapter the gateway serves: a small JSON file that `sqlops deploy` writes and the
+"""Which version the gateway serves: a small JSON file that `sqlops deploy` writes and the
 gateway re-reads when it changes, so a switch needs no restart of either process.
 
 The file holds the served name (`<model>-v<N>`, immutable: a new version never reuses a name,
-so vLLM can never answer from a stale cached adapter) and the registry version behind it.
+so vLLM can never answer from a stale cached adapter; with `serving.merged` it is vLLM's
+`--served-model-name`) and the registry version behind it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class Route:
     model: str  # served adapter name in vLLM, e.g. "text2sql-v3"
     version: int  # MLflow model version behind it
     updated: float = 0.0  # unix seconds of the switch
-    adapter_path: str | None = None  # lets the gateway reload the adapter into a restarted vLLM
+    # Lets the gateway reload the adapter into a restarted vLLM; None with merged serving.
+    adapter_path: str | None = None
 
 
 def adapter_name(model_name: str, version: int) -> str:

