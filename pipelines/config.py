@@ -92,6 +92,7 @@ class TrainConfig(_Block):
     early_stopping_patience: int  # evals without a new best eval loss before stopping (0 = off)
     schema_augment: float  # share of training examples shown with renamed tables/columns
     schema_variants: int  # renamed versions of each database's schema
+    feedback_repeat: int  # copies of each verified feedback example in the training pool
     num_processes: (
         int  # training processes; > 1 re-launches through `accelerate launch` (one per GPU)
     )
@@ -244,5 +245,7 @@ def setup_entry_point() -> None:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines",
         # Ephemeral Prefect needs longer than its default 20 s to start on 2 cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        # Offline machines: the ephemeral server's telemetry otherwise logs an ERROR per flow.
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }.items():
         os.environ.setdefault(key, value)

@@ -34,6 +34,7 @@ CFG = dict(
     early_stopping_patience=0,
     schema_augment=0.0,
     schema_variants=0,
+    feedback_repeat=1,
     num_processes=1,
     accelerate_config=None,
     quantization="none",
@@ -164,3 +165,11 @@ def test_interrupted_training_resumes(
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-4)
     history = mlflow.tracking.MlflowClient().get_metric_history(resumed["run_id"], "train_loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4]  # one run, curve continues
+
+
+def test_feedback_examples_are_repeated_in_the_training_pool():
+    from pipelines.model.batches import repeat_feedback
+
+    records = [{"id": "s", "source": "synthetic"}, {"id": "f", "source": "feedback"}]
+    assert [r["id"] for r in repeat_feedback(records, 3)] == ["s", "f", "f", "f"]
+    assert repeat_feedback(records, 1) == records

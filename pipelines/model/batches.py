@@ -91,6 +91,12 @@ def shared_prefix_len(examples: list[Example]) -> int:
     return n
 
 
+def repeat_feedback(records: list[dict], repeat: int) -> list[dict]:
+    """Each verified feedback record `repeat` times: corrections are few and are exactly the
+    traffic the model got wrong (schema renaming, applied afterwards, varies the copies)."""
+    return [r for r in records for _ in range(repeat if r.get("source") == "feedback" else 1)]
+
+
 def collate(
     examples: list[Example], pad_id: int, share_prefix: bool = True
 ) -> dict[str, torch.Tensor]:

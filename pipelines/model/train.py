@@ -36,6 +36,7 @@ from pipelines.model.batches import (
     batch_schedule,
     collate,
     group_batches,
+    repeat_feedback,
     split_dev,
     tokenize,
 )
@@ -94,6 +95,7 @@ def run(
     train_records, dev_records = split_dev(
         read_jsonl(prepared_dir / "train.jsonl"), cfg.dev_examples, seed
     )
+    train_records = repeat_feedback(train_records, cfg.feedback_repeat)
     train_records = augment(train_records, cfg.schema_augment, cfg.schema_variants, seed)
     examples, dropped, records = tokenize(train_records, tok, cfg.max_length)
     if not examples:
