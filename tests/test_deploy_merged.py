@@ -23,20 +23,15 @@ from pipelines.serving.routing import read_route
 from pipelines.serving.vllm_server import MergedServer, stop_background, vllm_command, vllm_env
 from tests.conftest import GAME_QA
 from tests.test_backends import make_adapter
+from tests.test_deploy import FakeRegistry
 
 
-class AdapterRegistry:
+class AdapterRegistry(FakeRegistry):
     """Registered versions as real (random) adapters on the tiny base model."""
 
     def __init__(self, root: Path, base_dir: Path, champion: int):
-        self.root, self.base_dir, self._champion, self.moves = root, base_dir, champion, []
-
-    def champion(self) -> int:
-        return self._champion
-
-    def set_champion(self, version: int) -> None:
-        self._champion = version
-        self.moves.append(version)
+        super().__init__(root, champion)
+        self.base_dir = base_dir
 
     def adapter_path(self, version: int) -> Path:
         path = self.root / f"v{version}"

@@ -19,31 +19,12 @@ from pipelines.model.base import load_base
 from pipelines.model.generate import generate_sql
 from pipelines.model.prompt import build_prompt
 from pipelines.release import registry
+from tests.test_train import CFG as TRAIN_CFG
 
 pytestmark = pytest.mark.slow
+# The unit tests' tiny training config, shortened: two steps, no dev split, no checkpoints.
 TRAIN = TrainConfig(
-    lora_r=4,
-    lora_alpha=8,
-    lora_dropout=0.0,
-    target_modules="all-linear",
-    learning_rate=1e-3,
-    weight_decay=0.0,
-    warmup_ratio=0.1,
-    batch_size=4,
-    grad_accum=1,
-    max_steps=2,
-    max_length=512,
-    precision="fp32",
-    log_every=1,
-    checkpoint_every=100,
-    dev_examples=0,
-    eval_every=100,
-    early_stopping_patience=0,
-    schema_augment=0.0,
-    schema_variants=0,
-    num_processes=1,
-    accelerate_config=None,
-    quantization="none",
+    **{**TRAIN_CFG, "max_steps": 2, "checkpoint_every": 100, "dev_examples": 0, "eval_every": 100}
 )
 
 
