@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -43,13 +45,28 @@ def _params_file(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, **train_over
     return out
 
 
-def _train_stage(params_file, timeout: float = 300) -> subprocess.CompletedProcess:
+def _train_stage(params_file, timeout: float = 150, tries: int = 2) -> None:
+    """The train stage as DVC runs it. The launcher, its ranks and their children form one
+    process group, killed whole on a timeout. A hang was seen once in ~10 runs of the 2-process
+    CPU launch (rank 1 gone, rank 0 idle; cause not found yet): one retry, with a warning."""
     env = {k: v for k, v in os.environ.items() if k not in (devices.LAUNCHED_ENV, "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "pipelines.model.train", "--params", str(params_file)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    for attempt in range(1, tries + 1):
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            warnings.warn(f"train stage hung (attempt {attempt} of {tries})", stacklevel=2)
+            continue
+        assert proc.returncode == 0, stderr[-4000:]
+        return
+    pytest.fail(f"train stage hung {tries} times ({timeout:.0f} s each)")
 
 
 def _one_run(mlflow_cfg) -> mlflow.entities.Run:
