@@ -31,7 +31,12 @@ from pipelines.config import ROOT, Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl
 from pipelines.monitoring import simulate
 from pipelines.release.deploy import serve
-from pipelines.release.registry import CHAMPION, current_version, version_metrics
+from pipelines.release.registry import (
+    CHAMPION,
+    current_version,
+    list_versions,
+    version_metrics,
+)
 from pipelines.serving.routing import read_route
 from pipelines.tracking import configure_mlflow
 
@@ -60,10 +65,7 @@ def champion(p: Params) -> int | None:
 
 def newest_version(p: Params) -> dict:
     """The release outcome as the registry shows it: newest version and the champion."""
-    configure_mlflow(p.mlflow)
-    name = p.registry.model_name
-    versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    return {"version": max(int(v.version) for v in versions), "champion": champion(p)}
+    return {"version": max(v["version"] for v in list_versions(p)), "champion": champion(p)}
 
 
 @task
