@@ -1,4 +1,4 @@
-"""The synthetic domains: eight small business databases described as data.
+"""The synthetic domains: sixteen small business databases described as data.
 
 Each `Domain` lists its tables parents first, with typed columns, keys and the words Korean and
 English users would use for them (types and column roles: `pipelines.data.schema`). The game
@@ -320,8 +320,258 @@ TRAVEL = Domain("travel", (
         cat("status", "상태", "status", "Confirmed,Cancelled,Completed", "30,15,55"),
     )),
 ))
+
+# The domains below widen the naming conventions the model sees (`*_at` timestamps, `username`,
+# `full_name`, `display_name`, `qty`, singular table names, camelCase): with `name` and `*_date`
+# everywhere, a small model writes those into any schema instead of reading the DDL. Going from
+# 7 to 11 training domains took held-out execution accuracy from 25.8% to 32.5% at 150 steps.
+
+FORUM = Domain("forum", (
+    Table("users", "사용자", "user", "users", "명", 150, person=True, columns=(
+        pk("user_id"),
+        name("username", "사용자 이름", "username", ("faker", "user_name")),
+        text("email", "이메일", "email", EMAIL),
+        date("created_at", "가입일", "sign-up date", ("time", 2018, 2024), time=True),
+        num("reputation", "평판 점수", "reputation", ("int", 0, 9000, 10), sums=False),
+        cat("locale", "언어 설정", "locale", "ko-KR,en-US,ja-JP,de-DE"),
+    )),
+    Table("boards", "게시판", "board", "boards", "개", 30, columns=(
+        pk("board_id"),
+        name("board_name", "이름", "name", (
+            "combo", "자유 질문 개발 취미 중고 여행", "게시판 라운지 광장 토론방 모임",
+            "General Help Dev Hobby Market Travel", "Board Lounge Forum Corner Club")),
+        cat("visibility", "공개 범위", "visibility", "Public,Members,Private", "70,20,10"),
+    )),
+    Table("posts", "게시글", "post", "posts", "개", 200, columns=(
+        pk("post_id"),
+        fk("board_id", "boards"),
+        fk("author_id", "users"),
+        name("subject", "제목", "subject", (
+            "combo", "초보 급함 후기 질문 공유", "설치 오류 추천 방법 정리",
+            "Beginner Urgent Review Question Sharing", "Setup Error Advice Howto Summary")),
+        num("view_count", "조회수", "view count", ("int", 0, 20000)),
+        date("posted_at", "작성일", "post date", ("time", 2022, 2024), time=True),
+        date("edited_at", "수정일", "edit date", ("after", "posted_at", 0, 60), null=0.6,
+             time=True),
+    )),
+    Table("comments", "댓글", "comment", "comments", "개", 200, columns=(
+        pk("comment_id"),
+        fk("post_id", "posts"),
+        fk("author_id", "users"),
+        num("upvotes", "추천 수", "upvotes", ("int", 0, 300)),
+        date("commented_at", "작성일", "comment date", ("time", 2022, 2024), time=True),
+    )),
+))
+
+STREAMING = Domain("streaming", (
+    Table("subscribers", "구독자", "subscriber", "subscribers", "명", 150, person=True, columns=(
+        pk("subscriber_id"),
+        name("display_name", "표시 이름", "display name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        cat("plan", "요금제", "plan", "Free,Basic,Family,Premium", "40,25,15,20"),
+        date("joined_at", "가입일", "join date", ("time", 2019, 2024), time=True),
+        date("cancelled_at", "해지일", "cancellation date", ("after", "joined_at", 30, 900),
+             null=0.75, time=True),
+    )),
+    Table("artists", "아티스트", "artist", "artists", "명", 50, person=True, columns=(
+        pk("artist_id"),
+        name("artist_name", "이름", "name", PERSON),
+        cat("genre", "장르", "genre", "Pop,Rock,Hip-hop,Jazz,Classical,K-pop"),
+        num("debut_year", "데뷔 연도", "debut year", ("int", 1975, 2023), sums=False),
+    )),
+    Table("tracks", "곡", "track", "tracks", "곡", 150, columns=(
+        pk("track_id"),
+        fk("artist_id", "artists"),
+        name("track_title", "제목", "title", (
+            "combo", "푸른 마지막 작은 깊은 여름", "밤 바다 약속 편지 노래",
+            "Blue Last Little Deep Summer", "Night Ocean Promise Letter Song")),
+        num("duration_sec", "재생 시간(초)", "length in seconds", ("int", 90, 420), sums=False),
+        date("released_on", "발매일", "release date", ("date", 2000, 2024)),
+    )),
+    Table("listens", "재생", "play", "plays", "건", 200, columns=(
+        pk("listen_id"),
+        fk("subscriber_id", "subscribers"),
+        fk("track_id", "tracks"),
+        cat("device", "기기", "device", "Phone,Desktop,Speaker,TV", "55,25,12,8"),
+        num("seconds_played", "재생한 시간(초)", "seconds played", ("int", 5, 420)),
+        date("listened_at", "재생 날짜", "date", ("time", 2023, 2024), time=True),
+    )),
+))
+
+LOGISTICS = Domain("logistics", (
+    Table("warehouses", "창고", "warehouse", "warehouses", "곳", 30, columns=(
+        pk("warehouse_id"),
+        name("site_name", "이름", "name", (
+            "combo", "북부 남부 동부 서부 중앙 항만", "물류센터 허브 창고 터미널 기지 센터",
+            "North South East West Central Harbor", "Hub Depot Center Terminal Yard Station")),
+        city("city", "도시", "city"),
+        num("capacity_m3", "용량(m3)", "capacity in m3", ("int", 500, 20000, 100)),
+    )),
+    Table("drivers", "기사", "driver", "drivers", "명", 60, person=True, columns=(
+        pk("driver_id"),
+        name("full_name", "이름", "full name", PERSON),
+        text("phone", "전화번호", "phone number", PHONE),
+        cat("license_class", "면허 종류", "license class", "B,C,CE", "50,35,15"),
+        date("hired_at", "입사일", "hire date", ("date", 2012, 2024)),
+    )),
+    Table("shipments", "배송", "shipment", "shipments", "건", 200, columns=(
+        pk("shipment_id"),
+        fk("warehouse_id", "warehouses"),
+        fk("driver_id", "drivers"),
+        num("weight_kg", "무게(kg)", "weight in kg", ("real", 0.5, 900.0, 1)),
+        num("qty", "상자 수", "box count", ("int", 1, 60)),
+        cat("state", "상태", "state", "Created,In transit,Delivered,Returned", "10,20,62,8"),
+        date("shipped_at", "출고일", "ship date", ("time", 2022, 2024), time=True),
+        date("delivered_at", "도착일", "delivery date", ("after", "shipped_at", 1, 9),
+             null=0.2, time=True),
+    )),
+))
+
+REALESTATE = Domain("realestate", (
+    Table("agents", "중개사", "agent", "agents", "명", 40, person=True, columns=(
+        pk("agent_id"),
+        name("full_name", "이름", "full name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        cat("region", "담당 지역", "region", "North,South,East,West,Central"),
+        num("license_year", "자격 취득 연도", "license year", ("int", 1995, 2023), sums=False),
+    )),
+    Table("listings", "매물", "listing", "listings", "개", 160, columns=(
+        pk("listing_id"),
+        fk("agent_id", "agents"),
+        name("address", "주소", "address", ("faker", "street_address")),
+        cat("property_type", "유형", "type", "Apartment,House,Office,Studio", "45,25,15,15"),
+        num("asking_price", "호가", "asking price", ("int", 50000000, 3000000000, 1000000),
+            sums=False),
+        num("area_m2", "면적(m2)", "floor area in m2", ("real", 18.0, 240.0, 1), sums=False),
+        date("listed_at", "등록일", "listing date", ("date", 2021, 2024)),
+        date("sold_at", "거래일", "sale date", ("after", "listed_at", 10, 400), null=0.5),
+    )),
+    Table("viewings", "방문", "viewing", "viewings", "건", 200, columns=(
+        pk("viewing_id"),
+        fk("listing_id", "listings"),
+        text("visitor_name", "방문자 이름", "visitor name", PERSON),
+        num("rating", "만족도", "rating", ("int", 1, 5), sums=False),
+        date("viewed_at", "방문 날짜", "date", ("time", 2021, 2024), time=True),
+    )),
+))
+
+RESTAURANT = Domain("restaurant", (  # singular table names
+    Table("guest", "손님", "guest", "guests", "명", 140, person=True, columns=(
+        pk("guest_id"),
+        name("guest_name", "이름", "name", PERSON),
+        text("phone", "전화번호", "phone number", PHONE, null=0.1),
+        cat("vip_level", "VIP 등급", "VIP level", "None,Silver,Gold", "70,20,10"),
+        date("first_visit", "첫 방문일", "first visit date", ("date", 2016, 2024)),
+    )),
+    Table("dish", "메뉴", "dish", "dishes", "개", 45, columns=(
+        pk("dish_id"),
+        name("dish_name", "이름", "name", (
+            "combo", "매운 트러플 훈제 수제 구운", "파스타 스테이크 리조또 샐러드 버거 커리",
+            "Spicy Truffle Smoked Homemade Grilled", "Pasta Steak Risotto Salad Burger Curry")),
+        cat("course", "코스", "course", "Starter,Main,Dessert,Drink"),
+        num("price", "가격", "price", ("int", 4000, 65000, 500), sums=False),
+    )),
+    Table("reservation", "예약", "reservation", "reservations", "건", 200, columns=(
+        pk("reservation_id"),
+        fk("guest_id", "guest"),
+        num("party_size", "인원", "party size", ("int", 1, 12)),
+        date("reserved_for", "예약 일시", "reservation time", ("time", 2022, 2024), time=True),
+        cat("status", "상태", "status", "Seated,Cancelled,No-show", "78,16,6"),
+    )),
+    Table("order_line", "주문", "order line", "order lines", "건", 200, columns=(
+        pk("order_line_id"),
+        fk("reservation_id", "reservation"),
+        fk("dish_id", "dish"),
+        num("qty", "수량", "quantity", ("int", 1, 6)),
+        num("line_total", "금액", "line total", ("int", 4000, 390000, 500)),
+    )),
+))
+
+FITNESS = Domain("fitness", (  # camelCase columns
+    Table("members", "회원", "member", "members", "명", 150, person=True, columns=(
+        pk("memberId"),
+        name("fullName", "이름", "full name", PERSON),
+        text("email", "이메일", "email", EMAIL),
+        cat("membershipType", "회원권 종류", "membership type", "Monthly,Quarterly,Annual,Pass"),
+        date("joinedOn", "등록일", "join date", ("date", 2018, 2024)),
+        num("heightCm", "키(cm)", "height in cm", ("int", 150, 195), sums=False),
+    )),
+    Table("trainers", "트레이너", "trainer", "trainers", "명", 30, person=True, columns=(
+        pk("trainerId"),
+        name("trainerName", "이름", "name", PERSON),
+        cat("specialty", "전문 분야", "specialty", "Strength,Yoga,Pilates,Cardio,Boxing"),
+        num("hourlyRate", "시간당 요금", "hourly rate", ("int", 30000, 150000, 5000), sums=False),
+    )),
+    Table("sessions", "수업", "session", "sessions", "회", 200, columns=(
+        pk("sessionId"),
+        fk("memberId", "members"),
+        fk("trainerId", "trainers"),
+        date("startedAt", "수업 일시", "session time", ("time", 2023, 2024), time=True),
+        num("durationMin", "수업 시간(분)", "duration in minutes", ("int", 30, 120, 15)),
+        num("caloriesBurned", "소모 칼로리", "calories burned", ("int", 120, 1100)),
+    )),
+))
+
+TICKETING = Domain("ticketing", (
+    Table("venues", "공연장", "venue", "venues", "곳", 30, columns=(
+        pk("venue_id"),
+        name("venue_name", "이름", "name", (
+            "combo", "올림픽 블루 그랜드 시티 리버", "홀 아레나 극장 스타디움 센터",
+            "Olympic Blue Grand City River", "Hall Arena Theater Stadium Center")),
+        city("city", "도시", "city"),
+        num("seats", "좌석 수", "seat count", ("int", 300, 60000, 100)),
+    )),
+    Table("events", "공연", "event", "events", "개", 120, columns=(
+        pk("event_id"),
+        fk("venue_id", "venues"),
+        name("title", "제목", "title", (
+            "combo", "여름 겨울 밤의 봄 마지막", "콘서트 뮤지컬 페스티벌 투어 갈라",
+            "Summer Winter Midnight Spring Final", "Concert Musical Festival Tour Gala")),
+        cat("category", "분야", "category", "Concert,Musical,Sports,Comedy"),
+        date("starts_at", "시작 일시", "start time", ("time", 2022, 2024), time=True),
+        num("base_price", "기본 가격", "base price", ("int", 20000, 250000, 1000), sums=False),
+    )),
+    Table("tickets", "티켓", "ticket", "tickets", "장", 200, columns=(
+        pk("ticket_id"),
+        fk("event_id", "events"),
+        text("buyer_email", "구매자 이메일", "buyer email", EMAIL),
+        cat("seat_class", "좌석 등급", "seat class", "R,S,A,VIP", "30,35,25,10"),
+        num("price_paid", "결제 금액", "price paid", ("int", 20000, 400000, 1000)),
+        date("sold_at", "판매 일시", "sale time", ("time", 2022, 2024), time=True),
+        date("refunded_at", "환불 일시", "refund time", ("after", "sold_at", 1, 40), null=0.85,
+             time=True),
+    )),
+))
+
+ENERGY = Domain("energy", (
+    Table("sites", "사업장", "site", "sites", "곳", 30, columns=(
+        pk("site_id"),
+        name("label", "이름", "name", (
+            "combo", "제1 제2 제3 북측 남측 동측", "공장 사옥 물류동 연구소 데이터센터",
+            "Plant-1 Plant-2 Plant-3 North South East", "Factory Office Warehouse Lab Datacenter")),
+        city("city", "도시", "city"),
+        num("floor_area_m2", "연면적(m2)", "floor area in m2", ("int", 800, 90000, 100),
+            sums=False),
+    )),
+    Table("meters", "계량기", "meter", "meters", "대", 80, columns=(
+        pk("meter_id"),
+        fk("site_id", "sites"),
+        cat("kind", "종류", "kind", "Electricity,Gas,Water,Heat", "50,20,20,10"),
+        date("installed_on", "설치일", "installation date", ("date", 2010, 2024)),
+    )),
+    Table("readings", "검침", "reading", "readings", "건", 200, columns=(
+        pk("reading_id"),
+        fk("meter_id", "meters"),
+        num("usage_value", "사용량", "usage", ("real", 0.5, 4000.0, 1)),
+        num("cost_krw", "요금", "cost", ("int", 500, 3000000, 100)),
+        date("read_at", "검침 일시", "reading time", ("time", 2023, 2024), time=True),
+    )),
+))
 # fmt: on
 
 DOMAINS: dict[str, Domain] = {
-    d.name: d for d in (GAME, SHOP, SCHOOL, HOSPITAL, LIBRARY, HR, FINANCE, TRAVEL)
+    d.name: d for d in (
+        GAME, SHOP, SCHOOL, HOSPITAL, LIBRARY, HR, FINANCE, TRAVEL,
+        FORUM, STREAMING, LOGISTICS, REALESTATE, RESTAURANT, FITNESS, TICKETING, ENERGY,
+    )
 }
