@@ -142,7 +142,7 @@ def test_databases_have_typed_tables_with_primary_and_foreign_keys(generated):
                 assert any(col[5] for col in info), f"{domain}.{t} has no primary key"
                 assert all(col[2] for col in info), f"{domain}.{t} has an untyped column"
                 fks += len(conn.execute(f"PRAGMA foreign_key_list({t})").fetchall())
-                assert 30 <= conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] <= 200
+                assert 20 <= conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] <= 200
             assert fks >= 2, domain
             assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
 

@@ -40,7 +40,7 @@ class Table:
     en: str  # "player"
     en_plural: str  # "players"
     counter: str  # Korean counter word for "how many" questions: 명, 개, 건, 권 ...
-    rows: int  # 30-200
+    rows: int  # 20-200
     columns: tuple[Column, ...]
     person: bool = False  # rows are people ("누구야?", "who")
 
