@@ -195,6 +195,8 @@ def test_lora_rank_experiment_table(tmp_path, tiny_base_dir, prepared_dir, mlflo
     rows = json.loads((tmp_path / "exp" / "lora_rank.json").read_text())
     assert [r["lora_r"] for r in rows] == [2, 4] and all(r["steps"] == 2 for r in rows)
     assert all(0 <= r["execution_accuracy"] <= 1 and r["eval_loss"] > 0 for r in rows)
+    assert all(r["heldout_loss"] > 0 for r in rows)
+    assert rows[0]["heldout_loss"] != rows[1]["heldout_loss"]  # each variant's own adapter
     assert md.read_text().count("\n| ") == 4  # header, rule, one line per rank
     run = mlflow.get_run(rows[0]["run_id"])
     assert run.data.tags["experiment"] == "lora_rank" and run.data.params["lora_r"] == "2"
