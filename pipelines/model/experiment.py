@@ -53,10 +53,10 @@ def run(
     """Trains and evaluates one adapter per variant; returns the markdown table's path."""
     prepared = p.path("prepared")
     db_dir = prepared / "databases"
-    records = sample_eval(read_jsonl(prepared / "eval.jsonl"), p.evaluate.max_examples, p.seed)
+    heldout = read_jsonl(prepared / "eval.jsonl")
+    records = sample_eval(heldout, p.evaluate.max_examples, p.seed)
     gold = gold_results(records, db_dir, p.evaluate.sql_timeout_s)
     work = out_dir / name
-    heldout = read_jsonl(prepared / "eval.jsonl")
     rows = []
     for variant in variants:
         cfg = p.train.model_copy(update={**variant, "max_steps": steps or p.train.max_steps})
