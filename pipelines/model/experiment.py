@@ -102,6 +102,7 @@ def heldout_loss(p: Params, adapter: Path, records: list[dict], precision: str) 
     the training's precision, batches of `train.batch_size`."""
     model, tok = load_base(p.path("base_model"), adapter, merge=False)
     device, dtype = devices.pick_device(precision)
+    # Every record counts: the length limit is the one generation has, not training's.
     examples, _, kept = tokenize(records, tok, p.evaluate.vllm_max_model_len)
     batches = []  # one DDL per batch: its prefix runs once, as in training
     for idxs in group_batches([r["ddl"] for r in kept], p.train.batch_size):
