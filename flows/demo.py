@@ -27,10 +27,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.monitoring import monitoring, triggered_training
 from mlflow import MlflowClient
-from pipelines.config import ROOT, Params, load_params, setup_entry_point
+from pipelines.config import ROOT, Params, load_params
 from pipelines.data.records import read_jsonl
+from pipelines.eval.metrics import pooled_accuracy
 from pipelines.monitoring import simulate
 from pipelines.release.deploy import serve
+from pipelines.release.gate import promoted_version
 from pipelines.release.registry import (
     CHAMPION,
     current_version,
@@ -41,21 +43,14 @@ from pipelines.serving.routing import read_route
 from pipelines.tracking import configure_mlflow
 
 log = logging.getLogger(__name__)
-REPORT = ROOT / "reports" / "demo.json"
-# The demo's own drift checks may retrain even right after an earlier demo's retraining.
-DEMO_POLICY = {"cooldown_hours": 0, "max_retrains_per_day": 1000}
 
 
 def domain_accuracy(p: Params, version: int, domains: list[str]) -> float | None:
     """A version's held-out execution accuracy on `domains` (from the eval it was registered
-    with), weighted by examples."""
+    with)."""
     configure_mlflow(p.mlflow)
-    by_domain = version_metrics(MlflowClient(), p.registry.model_name, version)["tuned"][
-        "by_domain"
-    ]
-    parts = [by_domain[d] for d in domains if d in by_domain]
-    n = sum(x["n"] for x in parts)
-    return sum(x["execution_accuracy"] * x["n"] for x in parts) / n if n else None
+    metrics = version_metrics(MlflowClient(), p.registry.model_name, version)
+    return pooled_accuracy(metrics["tuned"]["by_domain"], domains)
 
 
 def champion(p: Params) -> int | None:
@@ -71,7 +66,8 @@ def newest_version(p: Params) -> dict:
 @task
 def start_serving(p: Params) -> str:
     if serve(p, background=True) != 0:
-        raise RuntimeError("could not serve the champion; see .run/vllm.log and .run/gateway.log")
+        logs = p.path("run_dir")
+        raise RuntimeError(f"could not serve the champion; see vllm.log and gateway.log in {logs}")
     return f"http://{p.serving.host}:{p.serving.gateway_port}"
 
 
@@ -101,9 +97,10 @@ def window_hours(since: float) -> float:
 
 
 @flow(name="demo", log_prints=True)
-def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
+def demo() -> dict:
     logger = get_run_logger()
     p = load_params()
+    cfg = p.demo
     start = time.time()
     before_version = champion(p)
     if before_version is None:
@@ -114,14 +111,18 @@ def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
     gateway = start_serving(p)
 
     phase = time.time()
-    traffic(p, gateway, "trained-domains", trained, requests_per_phase, p.seed + 1)
+    traffic(p, gateway, "trained-domains", trained, cfg.requests_per_phase, p.seed + 1)
     calm = monitoring(window_hours=window_hours(phase), retrain=False)
     logger.info("trained-domain traffic: drift %s", calm["drifted_signals"] or "none")
 
     phase = time.time()
-    answers = traffic(p, gateway, "drifted-domain", drifted, requests_per_phase, p.seed + 2)
-    n_feedback = feedback(gateway, answers, feedback_share, p.seed)
-    check = monitoring(window_hours=window_hours(phase), retrain=True, overrides=DEMO_POLICY)
+    answers = traffic(p, gateway, "drifted-domain", drifted, cfg.requests_per_phase, p.seed + 2)
+    n_feedback = feedback(gateway, answers, cfg.feedback_share, p.seed)
+    policy = {
+        "cooldown_hours": cfg.cooldown_hours,
+        "max_retrains_per_day": cfg.max_retrains_per_day,
+    }
+    check = monitoring(window_hours=window_hours(phase), retrain=True, overrides=policy)
 
     if not check["should_retrain"]:
         raise RuntimeError(f"the drifted traffic did not trigger retraining: {check['reasons']}")
@@ -132,9 +133,8 @@ def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
     release = check["retrain_release"]
     if release is None:
         raise RuntimeError(f"retraining failed: see flow run {check['retrain_flow_run']}")
-    promoted = release["version"] if release["champion"] == release["version"] else None
-    promoted = promoted if promoted != before_version else None
-    route = read_route(ROOT / p.serving.routing_file)
+    promoted = promoted_version(release, before_version)
+    route = read_route(p.path("routing"))
     result = {
         "drift_detected": bool(check["should_retrain"]),
         "retrain_flow_run": check.get("retrain_flow_run"),
@@ -150,8 +150,10 @@ def demo(requests_per_phase: int = 240, feedback_share: float = 0.75) -> dict:
         "feedback_recorded": n_feedback,
         "served_after": route.model if route else None,  # training hot-swaps a promotion
     }
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps(result, indent=2))
+    report = p.path("demo_report")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result, indent=2))
+    result["report"] = str(report.relative_to(ROOT))
     create_markdown_artifact(key="demo", markdown=summary(result))
     print(summary(result))
     return result
@@ -174,21 +176,6 @@ def summary(r: dict) -> str:
         f"- execution accuracy on {domains}: {pct(r['drifted_domain_ex_before'])} "
         f"(v{r['champion_before']}) -> {pct(r['drifted_domain_ex_after'])} "
         f"(v{r['retrained_version']})",
-        f"- {r['seconds'] / 60:.1f} min; report: {REPORT.relative_to(ROOT)}",
+        f"- {r['seconds'] / 60:.1f} min; report: {r.get('report')}",
     ]
     return "\n".join(lines)
-
-
-def improved(result: dict) -> bool:
-    """The demo's verdict: the retrained model is better on the drifted domain."""
-    after, before = result["drifted_domain_ex_after"], result["drifted_domain_ex_before"]
-    return after is not None and after > (before or 0.0)
-
-
-def main() -> None:
-    setup_entry_point()
-    raise SystemExit(0 if improved(demo()) else 1)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@
 - `monitoring/monitoring`: the drift check, hourly (`monitoring.monitoring_cron`); it emits that
   event when `should_retrain()` says so.
 
-Run: `PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deployments` (stop with SIGTERM).
+Run: `PREFECT_API_URL=http://127.0.0.1:4200/api sqlops prefect serve` (stop with SIGTERM).
 Event triggers need a real server; in ephemeral mode the monitoring flow runs training itself.
 """
 
@@ -18,7 +18,7 @@ from prefect.events import DeploymentEventTrigger
 
 from flows.monitoring import DRIFT_EVENT, monitoring
 from flows.training import training
-from pipelines.config import Params, load_params, setup_entry_point
+from pipelines.config import Params, load_params
 
 
 def deployments(p: Params) -> list[RunnerDeployment]:
@@ -40,10 +40,6 @@ def deployments(p: Params) -> list[RunnerDeployment]:
     ]
 
 
-def main() -> None:
-    setup_entry_point()
+def serve_deployments() -> None:
+    """Serve both deployments until SIGTERM (`sqlops prefect serve`)."""
     serve(*deployments(load_params()))
-
-
-if __name__ == "__main__":
-    main()

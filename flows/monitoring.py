@@ -2,16 +2,15 @@
 
 When `should_retrain()` says so, the flow exports the verified feedback corrections to the
 feedback data source and emits the Prefect event `sqlops.drift.detected`. Where a Prefect server
-holds the `training` deployment (served by `python -m flows.deployments`), that deployment's
+holds the `training` deployment (served by `sqlops prefect serve`), that deployment's
 trigger starts the training flow; otherwise (ephemeral Prefect, no deployment) this flow runs
 the training flow itself, as a subflow.
 
-Run once: `python -m flows.monitoring [--hours N]`; scheduled: `python -m flows.deployments`.
+Run once: `sqlops flow monitoring [--hours N] [--no-retrain]`; scheduled: `sqlops prefect serve`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -21,10 +20,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from flows.training import training
-from pipelines.config import Params, load_params, setup_entry_point
+from pipelines.config import Params, load_params
 from pipelines.monitoring import drift, feedback, report
-from pipelines.monitoring.policy import DAY_S, should_retrain
-from pipelines.serving.inference_log import InferenceLog
+from pipelines.monitoring.policy import history_horizon_s, should_retrain
 
 log = logging.getLogger(__name__)
 DRIFT_EVENT = "sqlops.drift.detected"
@@ -45,8 +43,7 @@ def check_drift(p: Params, now: float) -> drift.DriftResult:
 
 @task
 def decide(p: Params, result: drift.DriftResult, now: float) -> tuple[bool, list[str]]:
-    horizon = max(DAY_S, p.monitoring.cooldown_hours * 3600)
-    history = report.retrain_history(p.mlflow, now - horizon)
+    history = report.retrain_history(p.mlflow, now - history_horizon_s(p.monitoring))
     return should_retrain(result, now, history, p.monitoring)
 
 
@@ -63,12 +60,7 @@ def publish(p: Params, result: drift.DriftResult, retrain: bool, reasons: list[s
 
 @task
 def export_feedback(p: Params) -> feedback.FeedbackExport:
-    return feedback.export(
-        InferenceLog(p.serving.inference_log_url).window(),
-        p.path("prepared") / "databases",
-        p.path("feedback"),
-        p.monitoring.feedback_sql_timeout_s,
-    )
+    return feedback.export_logged(p)
 
 
 def training_deployed() -> bool:
@@ -174,16 +166,3 @@ def monitoring(
         # The release's {version, champion, promoted}; None when the training flow failed.
         out["retrain_release"] = state.result() if state.is_completed() else None
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    setup_entry_point()
-    parser = argparse.ArgumentParser(description="run the monitoring flow once")
-    parser.add_argument("--hours", type=float, help="window length (default: params.yaml)")
-    parser.add_argument("--no-retrain", action="store_true", help="check and report only")
-    args = parser.parse_args(argv)
-    print(monitoring(window_hours=args.hours, retrain=not args.no_retrain))
-
-
-if __name__ == "__main__":
-    main()

@@ -18,12 +18,9 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 
-from flows.release import deploy_task
-from pipelines.config import ROOT, Params, load_params
-from pipelines.release.registry import release as release_model
-from pipelines.serving.backend import vllm_url
-from pipelines.serving.routing import read_route
-from pipelines.serving.vllm_server import VLLMAdmin
+from flows.release import deploy_task, register_and_gate_task
+from pipelines.config import ROOT, load_params
+from pipelines.release.deploy import is_serving
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +44,13 @@ def dvc_stage(stage: str, root: Path = ROOT) -> None:
         raise RuntimeError(f"dvc stage {stage} failed (exit {proc.returncode})")
 
 
-@task
-def release() -> dict:
-    r = release_model(load_params())
-    get_run_logger().info(
-        "version %d, champion v%s: %s", r.version, r.champion, "; ".join(r.decision.reasons)
-    )
-    return {"version": r.version, "champion": r.champion, "promoted": r.decision.promote}
-
-
-def serving(p: Params) -> bool:
-    """Whether a model is being served: the gateway has a route and its vLLM answers."""
-    if read_route(ROOT / p.serving.routing_file) is None:
-        return False
-    return VLLMAdmin(vllm_url(p.serving)).healthy()
-
-
 @flow(name="training", log_prints=True)
 def training(run_release: bool = True, root: Path = ROOT) -> dict | None:
     for stage in dvc_stages(root):
         dvc_stage(stage, root)
     if not run_release:
         return None
-    result = release()
-    if result["promoted"] and serving(load_params()):
+    result = register_and_gate_task()
+    if result["promoted"] and is_serving(load_params()):
         result["deployed"] = deploy_task(result["version"])
     return result

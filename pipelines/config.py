@@ -38,6 +38,16 @@ class Paths(_Block):
     monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
     feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
     merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
+    served_adapters: Path  # local copies of registered adapters, one immutable folder per version
+    routing: Path  # which version the gateway serves; written by `sqlops deploy`
+    run_dir: Path  # PIDs and logs of the servers sqlops starts in the background
+    vllm_venv: Path  # vLLM's own venv (`make serve-setup`)
+    vllm_cache: Path  # VLLM_CACHE_ROOT of every vLLM process sqlops starts
+    bench: Path  # `make bench` comparisons, one JSON file each
+    hot_swap: Path  # `make bench`: requests and failures during hot swaps under load
+    experiments: Path  # `sqlops experiment` tables
+    external_eval: Path  # `sqlops eval` reports, one folder per dataset
+    demo_report: Path  # `sqlops flow demo` figures
 
 
 class BaseModelConfig(_Block):
@@ -122,8 +132,6 @@ class EvaluateConfig(_Block):
     backend: Literal["auto", "vllm", "transformers"]  # generation backend (auto: vLLM if installed)
     vllm_min_prompts: int  # auto uses vLLM from this many prompts on (its start-up costs ~30 s)
     vllm_max_num_seqs: int  # vLLM max_num_seqs: sequences decoded together
-    vllm_max_model_len: int  # vLLM max_model_len (prompt + generated tokens)
-    vllm_kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE of the offline vLLM run
     vllm_timeout_s: float  # an offline vLLM run taking longer is abandoned (auto: transformers)
     judge: JudgeConfig
 
@@ -149,14 +157,11 @@ class ServingConfig(_Block):
     max_rows: int  # rows returned per executed query (the rest is cut, `truncated: true`)
     cache_size: int  # entries of the exact-match response cache (0 = off)
     keep_adapters: int  # adapters kept loaded in vLLM (the routed one included)
-    routing_file: Path  # which adapter the gateway serves; written by `sqlops deploy`
-    adapters_dir: Path  # local copies of registered adapters, one immutable folder per version
     smoke_questions: int  # canary questions (training databases in turn) after every switch
     smoke_min_pass: float  # share of canaries that must give SQL that executes
     vllm_startup_timeout_s: float  # wait for a freshly started vLLM to become healthy
-    vllm_kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE for a locally started vLLM on CPU
+    gateway_startup_timeout_s: float  # wait for a background gateway to answer /health
     max_lora_rank: int  # vLLM --max-lora-rank (at least train.lora_r)
-    vllm_max_model_len: int  # vLLM --max-model-len (prompt + SQL tokens)
     merged: bool  # serve the adapter merged into the base weights (faster; a switch restarts
     # vLLM, 503s meanwhile) instead of runtime-loaded LoRA adapters (hot swap, no downtime)
 
@@ -183,6 +188,18 @@ class MonitoringConfig(_Block):
     training_cron: str  # schedule of the `training` deployment (it also runs on drift events)
 
 
+class DemoConfig(_Block):
+    requests_per_phase: int  # simulated questions per phase (trained domains, then drifted ones)
+    feedback_share: float  # share of the drifted-domain answers that get a correction
+    cooldown_hours: float  # monitoring.cooldown_hours for the demo's own drift check
+    max_retrains_per_day: int  # monitoring.max_retrains_per_day for the demo's own check
+
+
+class VLLMConfig(_Block):
+    max_model_len: int  # prompt + generated tokens, offline and served (--max-model-len)
+    kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE of every vLLM process on CPU
+
+
 class MlflowConfig(_Block):
     tracking_uri: str  # relative sqlite paths are resolved against the repo root
     artifact_location: Path  # experiment artifact root
@@ -201,6 +218,8 @@ class Params(_Block):
     registry: RegistryConfig
     serving: ServingConfig
     monitoring: MonitoringConfig
+    demo: DemoConfig
+    vllm: VLLMConfig
     mlflow: MlflowConfig
 
     @model_validator(mode="after")
@@ -213,10 +232,34 @@ class Params(_Block):
             )
         return self
 
+    def replace(self, **blocks: dict) -> Params:
+        """A copy with some fields of some blocks replaced, e.g. `p.replace(serving={"max_rows":
+        5}, paths={"routing": tmp / "routing.json"})` (tests, experiments' work folders)."""
+        update = {k: getattr(self, k).model_copy(update=v) for k, v in blocks.items()}
+        return self.model_copy(update=update)
+
     def path(self, name: str) -> Path:
         """An artifact path from `paths:`, absolute against the repo root."""
-        p = getattr(self.paths, name)
-        return p if p.is_absolute() else ROOT / p
+        return resolve(getattr(self.paths, name))
+
+
+def resolve(path: Path | str) -> Path:
+    """A path from params.yaml or a source config: relative ones are taken from the repo root,
+    not from the caller's working directory."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def sqlite_url(url: str) -> str:
+    """A SQLAlchemy/MLflow URL with a relative `sqlite:///` path made absolute against the repo
+    root (its folder created); other URLs unchanged."""
+    prefix = "sqlite:///"
+    rest = url[len(prefix) :]
+    if not url.startswith(prefix) or rest.startswith("/") or rest == ":memory:":
+        return url
+    db = resolve(rest)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return prefix + str(db)
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
@@ -225,16 +268,11 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     return Params.model_validate(raw)
 
 
-def setup_entry_point() -> None:
-    """Configure logging and the tools' environment once, at an entry point (stage `main()`,
-    CLI). Keeps the libraries offline, quiet, and writing their state inside the repo."""
-    logging.basicConfig(
-        level=os.environ.get("SQLOPS_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect/MLflow call
-    for key, value in {
+def tool_env() -> dict[str, str]:
+    """The tools' environment, the one place it is written: offline, quiet, and keeping their
+    state inside the repo. Entry points and the test suite apply it; the Makefile exports it
+    (`python -m pipelines.config env`) for the tools it starts itself (dvc, mlflow, prefect)."""
+    return {
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -245,7 +283,32 @@ def setup_entry_point() -> None:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines",
         # Ephemeral Prefect needs longer than its default 20 s to start on 2 cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        # Offline machines: the ephemeral server's telemetry otherwise logs an ERROR per flow.
+        # Offline machines: the server's telemetry otherwise logs an ERROR per flow.
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }.items():
+    }
+
+
+def apply_tool_env() -> None:
+    """Set the tools' environment where the caller has not set a variable already."""
+    for key, value in tool_env().items():
         os.environ.setdefault(key, value)
+
+
+def setup_entry_point() -> None:
+    """Configure logging and the tools' environment once, at an entry point (stage `main()`,
+    CLI)."""
+    logging.basicConfig(
+        level=os.environ.get("SQLOPS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect/MLflow call
+    apply_tool_env()
+
+
+if __name__ == "__main__":
+    # `python -m pipelines.config env`: KEY=VALUE words for the Makefile's exports.
+    import sys
+
+    if sys.argv[1:] == ["env"]:
+        print(" ".join(f"{k}={v}" for k, v in tool_env().items()))

@@ -11,18 +11,11 @@ import os
 from pathlib import Path
 
 import mlflow
-from pipelines.config import ROOT, MlflowConfig
+from pipelines.config import MlflowConfig, resolve, sqlite_url
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        # Relative SQLite paths resolve against the repo, not the caller's working directory.
-        db = ROOT / uri[len(prefix) :]
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = prefix + str(db)
-    return uri
+    return sqlite_url(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri)
 
 
 def artifact_location(cfg: MlflowConfig, uri: str) -> Path | None:
@@ -31,13 +24,11 @@ def artifact_location(cfg: MlflowConfig, uri: str) -> Path | None:
     machine would be unreadable to every other client (gateway, UI, other workers)."""
     if uri.startswith(("http://", "https://")):
         return None
-    location = cfg.artifact_location
-    return location if location.is_absolute() else ROOT / location
+    return resolve(cfg.artifact_location)
 
 
 def configure_mlflow(cfg: MlflowConfig) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_registry_uri(tracking_uri(cfg))
     exp = mlflow.get_experiment_by_name(cfg.experiment)

@@ -4,19 +4,14 @@ in a temporary folder. Nothing is downloaded: the tokenizer comes from the llm-s
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Prefect and DVC keep their state in the repo, not in the home or temp folders.
-_ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("PREFECT_HOME", str(_ROOT / ".prefect"))
-os.environ.setdefault("DVC_SITE_CACHE_DIR", str(_ROOT / ".dvc" / "tmp" / "site-cache"))
+from pipelines.config import apply_tool_env
+
+apply_tool_env()  # before any tool is imported: the same environment as every entry point
 
 SHOP_DDL = """
 CREATE TABLE customers (customer_id INTEGER PRIMARY KEY, name TEXT NOT NULL, city TEXT);

@@ -3,6 +3,7 @@ and (with `make serve-setup`) a real offline vLLM run on a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -19,8 +20,16 @@ from pipelines.model.generate import generate_sql
 from pipelines.model.merge import INFO_FILE, merged_model_dir
 from pipelines.model.prompt import build_prompt
 from pipelines.sql import extract_sql
+from pipelines.vllm_runtime import VLLMRuntime
 
-CFG = load_params().evaluate.model_copy(update={"max_new_tokens": 8, "batch_size": 4})
+P = load_params()
+CFG = P.evaluate.model_copy(update={"max_new_tokens": 8, "batch_size": 4})
+
+
+def runtime(tmp_path, **fields) -> VLLMRuntime:
+    """params.yaml's vLLM runtime with its merges and logs under `tmp_path`."""
+    merged = {"merged_root": tmp_path / "merged", "run_dir": tmp_path / "run"}
+    return dataclasses.replace(VLLMRuntime.of(P), **merged | fields)
 
 
 def make_adapter(base_dir, out, seed: int):
@@ -92,30 +101,28 @@ def test_a_failing_vllm_falls_back_to_transformers(
     (broken / "bin").mkdir(parents=True)
     (broken / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
     (broken / ".sqlops-installed").touch()
-    monkeypatch.setattr(backends, "VLLM_VENV", broken)
+    vllm = runtime(tmp_path, venv=broken)
     monkeypatch.setattr(backends, "_vllm_failed", [])
     adapter = make_adapter(tiny_base_dir, tmp_path / "adapter", seed=3)
-    spec = ModelSpec(tiny_base_dir, adapter, tmp_path / "merged")
+    spec = ModelSpec(tiny_base_dir, adapter)
     tok = load_tokenizer(tiny_base_dir)
     prompts = _prompts(tok, prepared_dir)
     cfg = CFG.model_copy(update={"backend": "auto", "vllm_min_prompts": 1})
 
     with caplog.at_level(logging.WARNING, logger="pipelines.model.backends"):
-        gen = generate(spec, tok, prompts, cfg)
+        gen = generate(spec, tok, prompts, cfg, vllm)
     assert "falling back to transformers" in caplog.text and "vllm" in caplog.text.lower()
     model, _ = load_base(tiny_base_dir, adapter)
     assert gen.backend == "transformers"
     assert gen.sql == generate_sql(model, tok, prompts, 4, 8).sql
-    assert pick_backend(cfg, 64, backends.vllm_problem())[1].startswith("vLLM failed earlier")
+    assert pick_backend(cfg, 64, backends.vllm_problem(vllm))[1].startswith("vLLM failed earlier")
     monkeypatch.setattr(backends, "_vllm_failed", [])
     with pytest.raises(RuntimeError, match="vLLM exited"):
-        generate(spec, tok, prompts, cfg.model_copy(update={"backend": "vllm"}))
+        generate(spec, tok, prompts, cfg.model_copy(update={"backend": "vllm"}), vllm)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (backends.VLLM_VENV / ".sqlops-installed").is_file(), reason="needs make serve-setup"
-)
+@pytest.mark.skipif(VLLMRuntime.of(P).problem() is not None, reason="needs make serve-setup")
 def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     """vllm_offline.py in .venv-vllm on a tiny Llama with a merged adapter (head size 64, which
     vLLM's CPU attention supports)."""
@@ -132,11 +139,11 @@ def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     LlamaForCausalLM(config).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
     adapter = make_adapter(base_dir, tmp_path / "adapter", seed=4)
-    spec = ModelSpec(base_dir, adapter, tmp_path / "merged")
+    spec = ModelSpec(base_dir, adapter)
     prompts = _prompts(tok, prepared_dir)
-    cfg = CFG.model_copy(update={"backend": "vllm", "vllm_max_model_len": 1024})
+    cfg = CFG.model_copy(update={"backend": "vllm"})
 
-    gen = generate(spec, tok, prompts, cfg)
+    gen = generate(spec, tok, prompts, cfg, runtime(tmp_path, max_model_len=1024))
     assert gen.backend == "vllm" and len(gen.texts) == len(gen.sql) == len(prompts)
     assert 0 < gen.new_tokens <= len(prompts) * cfg.max_new_tokens and gen.tokens_per_s > 0
     assert gen.load_seconds > 0

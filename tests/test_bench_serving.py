@@ -10,27 +10,29 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.bench import bench_serving
+from pipelines.bench.compare import bench_serving
 from pipelines.config import load_params
 from pipelines.serving.backend import VLLMCompletions
-from pipelines.serving.gateway import Text2SQL, create_app
+from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import Route, RouteWatcher, read_route, write_route
+from pipelines.serving.service import Text2SQL
 from tests.fake_vllm import FakeVLLM
 from tests.loopback import LoopbackServer
 
 
-def params_for(tmp_path: Path, **serving):
-    p = load_params()
-    cfg = p.serving.model_copy(update={"routing_file": tmp_path / "routing.json", **serving})
-    return p.model_copy(update={"serving": cfg})
+def params_for(tmp_path: Path, **paths):
+    """params.yaml with the routing file and the reports under `tmp_path`."""
+    out = tmp_path / "reports"
+    reports = {"bench": out / "bench", "hot_swap": out / "hot_swap.json"}
+    return load_params().replace(paths={"routing": tmp_path / "routing.json", **reports, **paths})
 
 
 def test_skipped_with_reason_when_no_champion(tmp_path, mlflow_cfg, caplog):
     p = params_for(tmp_path).model_copy(update={"mlflow": mlflow_cfg})
     out = tmp_path / "reports"
     with caplog.at_level(logging.WARNING):
-        assert bench_serving(p, out) is None
+        assert bench_serving(p) is None
     assert "serving bench skipped: no champion is registered" in caplog.text
     assert not out.exists()  # nothing half-written, no servers started
 
@@ -44,15 +46,8 @@ def running(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
         vllm.adapters["text2sql-v1"] = "/adapters/v1"
         vllm.delay_s = 0.2  # long enough for the hot swap to flip routes mid-run
         monkeypatch.setenv("SQLOPS_VLLM_URL", vllm.base_url)
-        p = params_for(tmp_path)
-        p = p.model_copy(
-            update={
-                "paths": p.paths.model_copy(
-                    update={"base_model": tiny_base_dir, "prepared": prepared_dir}
-                )
-            }
-        )
-        routing = p.serving.routing_file
+        p = params_for(tmp_path, base_model=tiny_base_dir, prepared=prepared_dir)
+        routing = p.path("routing")
         write_route(routing, Route("text2sql-v1", 1))
         backend = VLLMCompletions(vllm.base_url, 5.0, p.serving.max_new_tokens)
         tok = AutoTokenizer.from_pretrained(tiny_base_dir)
@@ -62,9 +57,7 @@ def running(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
         )
         gateway = LoopbackServer(app).start()
         try:
-            p = p.model_copy(
-                update={"serving": p.serving.model_copy(update={"gateway_port": gateway.port})}
-            )
+            p = p.replace(serving={"gateway_port": gateway.port})
             yield p, vllm
         finally:
             gateway.stop()
@@ -73,7 +66,7 @@ def running(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
 def test_writes_gateway_bench_and_hot_swap(tmp_path, running):
     p, vllm = running
     out = tmp_path / "reports"
-    result = bench_serving(p, out, requests=3, concurrency=1, swaps=2)
+    result = bench_serving(p, requests=3, concurrency=1, swaps=2)
 
     gw = json.loads((out / "bench" / "gateway.json").read_text())
     assert gw == result["gateway"]
@@ -91,5 +84,5 @@ def test_writes_gateway_bench_and_hot_swap(tmp_path, running):
     assert set(swap["served"]) <= {"text2sql-v1", "text2sql-v1-swapcheck"}
     assert sum(swap["served"].values()) == 3
     # Afterwards the route and vLLM are as before: the swap copy is unloaded, v1 routed.
-    assert read_route(p.serving.routing_file).model == "text2sql-v1"
+    assert read_route(p.path("routing")).model == "text2sql-v1"
     assert set(vllm.adapters) == {"text2sql-v1"}

@@ -10,13 +10,14 @@ from transformers import AutoTokenizer
 
 from pipelines.config import load_params
 from pipelines.data.domains import DOMAINS
-from pipelines.data.prepare import normalize_question
+from pipelines.data.records import question_key
 from pipelines.data.synth import generate_examples, generate_rows, write_database
 from pipelines.monitoring import feedback, simulate
 from pipelines.serving.backend import VLLMCompletions
-from pipelines.serving.gateway import Text2SQL, create_app
+from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import Route, RouteWatcher, write_route
+from pipelines.serving.service import Text2SQL
 from pipelines.sql import execute
 from tests.fake_vllm import FakeVLLM
 from tests.loopback import LoopbackServer
@@ -40,8 +41,8 @@ def test_fresh_questions_are_new_executable_and_seeded(tmp_path: Path):
     fresh = simulate.fresh_questions(*args)
     assert len(fresh) == 40
     assert simulate.fresh_questions(*args) == fresh
-    known_q = {normalize_question(r["question"]) for r in known}
-    assert not known_q & {normalize_question(r["question"]) for r in fresh}
+    known_q = {question_key(r["question"]) for r in known}
+    assert not known_q & {question_key(r["question"]) for r in fresh}
     assert {r["lang"] for r in fresh} == {"en", "ko"}
     assert all(execute(databases / "game.sqlite", r["sql"], 2.0).ok for r in fresh)
 

@@ -13,9 +13,10 @@ import pytest
 from pipelines.config import load_params
 from pipelines.release.deploy import deploy, prune, route_to
 from pipelines.serving.backend import VLLMCompletions
-from pipelines.serving.gateway import Text2SQL, create_app
+from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import RouteWatcher, read_route
+from pipelines.serving.service import Text2SQL
 from pipelines.serving.vllm_server import VLLMAdmin
 from tests.conftest import GAME_QA
 from tests.fake_vllm import FakeVLLM
@@ -44,13 +45,11 @@ def env(tmp_path, prepared_dir, tiny_base_dir):
     """(params, vLLM stand-in, admin, registry, smoke service) around the 20-row fixture."""
     from transformers import AutoTokenizer
 
-    p = load_params()
-    serving = p.serving.model_copy(
-        update={"routing_file": tmp_path / "routing.json", "keep_adapters": 2, "smoke_questions": 3}
+    p = load_params().replace(
+        serving={"keep_adapters": 2, "smoke_questions": 3},
+        paths={"prepared": prepared_dir, "routing": tmp_path / "routing.json"},
     )
-    p = p.model_copy(
-        update={"serving": serving, "paths": p.paths.model_copy(update={"prepared": prepared_dir})}
-    )
+    serving = p.serving
     with FakeVLLM({q: sql for q, sql, *_ in GAME_QA}) as fake:
         backend = VLLMCompletions(fake.base_url, 2.0, 64)
         tok = AutoTokenizer.from_pretrained(tiny_base_dir)
@@ -68,7 +67,7 @@ def test_deploy_loads_routes_and_smoke_tests(env):
     r = run_deploy(env)
     assert r.ok and (r.version, r.name) == (1, "text2sql-v1")
     assert r.smoke.n_ok == r.smoke.n == 3
-    assert read_route(p.serving.routing_file).model == "text2sql-v1"
+    assert read_route(p.path("routing")).model == "text2sql-v1"
     assert admin.loaded() == ["text2sql-v1"]
     assert fake.calls["text2sql-v1"] == 4  # warm-up + 3 canaries
 
@@ -90,7 +89,7 @@ def test_failed_smoke_test_rolls_back_route_and_alias(env):
     r = run_deploy(env)
     assert not r.ok and r.rolled_back_to == 1
     assert r.smoke.n_ok == 0 and "backend_error" in r.smoke.failures[0]
-    assert read_route(p.serving.routing_file).model == "text2sql-v1"
+    assert read_route(p.path("routing")).model == "text2sql-v1"
     assert registry.champion() == 1 and admin.loaded() == ["text2sql-v1"]
 
 
@@ -100,21 +99,21 @@ def test_forced_smoke_failure_rolls_back(env):
     registry.set_champion(2)
     r = run_deploy(env, force_smoke_failure=True)
     assert r.rolled_back_to == 1 and registry.moves == [2, 1]
-    assert read_route(p.serving.routing_file).version == 1
+    assert read_route(p.path("routing")).version == 1
 
 
 def test_first_deploy_failing_leaves_nothing_routed(env):
     p, *_ = env
     r = run_deploy(env, force_smoke_failure=True)
     assert not r.ok and r.rolled_back_to is None
-    assert read_route(p.serving.routing_file) is None
+    assert read_route(p.path("routing")) is None
 
 
 def test_route_to_after_a_registry_rollback(env):
     p, _, admin, registry, _ = env
     run_deploy(env, 2)
     route_to(p, 1, admin, registry)
-    assert read_route(p.serving.routing_file).model == "text2sql-v1"
+    assert read_route(p.path("routing")).model == "text2sql-v1"
     assert "text2sql-v1" in admin.loaded()
 
 
@@ -123,7 +122,7 @@ def test_hot_swap_under_load_fails_no_request(env, tmp_path):
     run_deploy(env, 1)
     fake.delay_s = 0.01
     ilog = InferenceLog(f"sqlite:///{tmp_path}/inference.db")
-    app = create_app(service, ilog, RouteWatcher(p.serving.routing_file))
+    app = create_app(service, ilog, RouteWatcher(p.path("routing")))
     questions = [q for q, *_ in GAME_QA]
     stop, results = threading.Event(), []
 
@@ -158,7 +157,7 @@ def test_mlflow_registry_gives_champion_and_immutable_adapter_copy(
 
     p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, "a1")
     served = tmp_path / "served"
-    p = p.model_copy(update={"serving": p.serving.model_copy(update={"adapters_dir": served})})
+    p = p.replace(paths={"served_adapters": served})
     _train(p)
     _fake_eval(p, base_ex=0.1, tuned_ex=0.5)
     release(p)

@@ -18,8 +18,8 @@ from pipelines.config import load_params
 from pipelines.model.merge import INFO_FILE
 from pipelines.release.deploy import deploy, route_to
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions
-from pipelines.serving.gateway import Text2SQL
 from pipelines.serving.routing import read_route
+from pipelines.serving.service import Text2SQL
 from pipelines.serving.vllm_server import MergedServer, stop_background, vllm_command, vllm_env
 from tests.conftest import GAME_QA
 from tests.test_backends import make_adapter
@@ -52,24 +52,23 @@ def merged(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
     from transformers import AutoTokenizer
 
     monkeypatch.delenv("SQLOPS_VLLM_URL", raising=False)
-    p = load_params()
-    serving = p.serving.model_copy(
-        update={
+    run_dir = tmp_path / "run"
+    p = load_params().replace(
+        serving={
             "merged": True,
             "vllm_port": free_port(),
-            "routing_file": tmp_path / "routing.json",
             "smoke_questions": 3,
             "vllm_startup_timeout_s": 60,
-        }
-    )
-    paths = p.paths.model_copy(
-        update={
+        },
+        paths={
             "prepared": prepared_dir,
             "base_model": tiny_base_dir,
             "merged_models": tmp_path / "merged",
-        }
+            "routing": tmp_path / "routing.json",
+            "run_dir": run_dir,
+        },
     )
-    p = p.model_copy(update={"serving": serving, "paths": paths})
+    serving = p.serving
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps({q: sql for q, sql, *_ in GAME_QA}))
 
@@ -79,8 +78,7 @@ def merged(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
             "--served-model-name", name, "--model", str(model), "--answers", str(answers),
         ]  # fmt: skip
 
-    run_dir = tmp_path / "run"
-    server = MergedServer(p, command, run_dir)
+    server = MergedServer(p, command)
     backend = VLLMCompletions(f"{server.root}/v1", 5.0, 64)
     service = Text2SQL(serving, prepared_dir / "databases", AutoTokenizer.from_pretrained(
         tiny_base_dir), backend)  # fmt: skip
@@ -118,7 +116,7 @@ def test_deploy_restarts_on_the_merged_model_then_routes(merged):
     assert server.loaded() == ["text2sql-v1"]
     v1_dir = served_root(server)
     assert v1_dir.parent == p.path("merged_models") and (v1_dir / INFO_FILE).is_file()
-    route = read_route(p.serving.routing_file)
+    route = read_route(p.path("routing"))
     assert (route.model, route.adapter_path) == ("text2sql-v1", None)  # nothing to hot-load
     pid1 = int((run_dir / "vllm.pid").read_text())
 
@@ -133,7 +131,7 @@ def test_deploy_restarts_on_the_merged_model_then_routes(merged):
 
         os.kill(pid1, 0)  # the old server is gone, not left beside the new one
     assert server.loaded() == ["text2sql-v2"] and served_root(server) != v1_dir
-    assert read_route(p.serving.routing_file).model == "text2sql-v2"
+    assert read_route(p.path("routing")).model == "text2sql-v2"
 
     # A request still naming the old version gets a reason, and no LoRA load is tried.
     with pytest.raises(BackendUnavailable, match="not loaded on the model server"):
@@ -150,9 +148,9 @@ def test_smoke_failure_restarts_the_previous_merged_model(merged):
     assert not r.ok and r.rolled_back_to == 1 and registry.moves == [2, 1]
     assert server.loaded() == ["text2sql-v1"] and served_root(server) == v1_dir
     assert (v1_dir / INFO_FILE).stat().st_mtime_ns == stamp  # the merge was reused
-    assert read_route(p.serving.routing_file).model == "text2sql-v1"
+    assert read_route(p.path("routing")).model == "text2sql-v1"
     assert len(list(p.path("merged_models").glob("*/" + INFO_FILE))) == 2
 
     route_to(p, 2, server, registry)  # `sqlops rollback --to 2` on merged serving
     assert server.loaded() == ["text2sql-v2"]
-    assert read_route(p.serving.routing_file).version == 2
+    assert read_route(p.path("routing")).version == 2

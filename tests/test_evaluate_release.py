@@ -186,7 +186,7 @@ def test_release_gate_promotion_rollback_and_reload(
 
 
 def test_lora_rank_experiment_table(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg):
-    from pipelines.model import experiment
+    from pipelines.bench import experiment
 
     p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
     p = p.model_copy(update={"train": TRAIN.model_copy(update={"dev_examples": 1})})
@@ -261,7 +261,7 @@ def test_sqlops_eval_scores_registered_and_base_models_on_a_spider_dir(
 def test_sqlops_eval_cli_with_the_base_model(
     tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch, capsys
 ):
-    from pipelines import cli
+    from flows import cli
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)

@@ -11,9 +11,10 @@ from fastapi.testclient import TestClient
 
 from pipelines.config import load_params
 from pipelines.serving.backend import VLLMCompletions
-from pipelines.serving.gateway import Text2SQL, create_app
+from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import Route, RouteWatcher, write_route
+from pipelines.serving.service import Text2SQL
 from tests.fake_vllm import FakeVLLM
 
 ANSWERS = {
@@ -235,7 +236,7 @@ def test_metrics_count_requests_and_latency(gw):
 
 
 def test_load_helpers_count_errors_and_merge_passes():
-    from pipelines.serving.loadtest import merge, percentile, run_load
+    from pipelines.bench.loadtest import merge, percentile, run_load
 
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
     run = run_load(lambda i: i % 4 != 0, n=20, concurrency=4)

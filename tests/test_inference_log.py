@@ -1,6 +1,7 @@
 """The inference log: record, feedback, time windows."""
 
-from pipelines.serving.inference_log import InferenceLog, detect_lang
+from pipelines.data.records import detect_lang
+from pipelines.serving.inference_log import InferenceLog
 
 
 def test_record_feedback_window(tmp_path):

@@ -138,7 +138,7 @@ def test_compose_commands_exist_in_the_code():
         elif cmd[:2] == ["dvc", "repro"]:
             assert set(cmd[2:]) <= stages, f"{name}: unknown DVC stages {cmd[2:]}"
         elif cmd[0] == "sqlops":  # the subcommand parses (argparse exits 2 when it does not)
-            run = [sys.executable, "-m", "pipelines.cli", *cmd[1:], "--help"]
+            run = [sys.executable, "-m", "flows.cli", *cmd[1:], "--help"]
             assert subprocess.run(run, capture_output=True, cwd=ROOT).returncode == 0, name
         elif cmd[:2] == ["mlflow", "server"]:
             from mlflow.cli import server
@@ -180,7 +180,7 @@ def test_vllm_flags_match_the_local_server_and_params():
         in KUSTOMIZATION["configMapGenerator"][1]["literals"]
     )
     cpu_kv = SERVICES["vllm-cpu"]["environment"]["VLLM_CPU_KVCACHE_SPACE"]
-    assert cpu_kv == str(P.serving.vllm_kvcache_gb)
+    assert cpu_kv == str(P.vllm.kvcache_gb)
 
 
 def test_k8s_probes_services_volumes_and_config():
@@ -237,7 +237,7 @@ def test_production_params_differ_from_params_yaml_only_where_documented():
 def test_dashboard_and_prometheus_use_the_gateway_metric_names():
     from prometheus_client import generate_latest
 
-    from pipelines.serving.gateway import GatewayMetrics
+    from pipelines.serving.service import GatewayMetrics
 
     m = GatewayMetrics()
     m.requests.labels("ok").inc()

@@ -11,8 +11,8 @@ import pytest
 
 from pipelines.config import DataConfig, SourceConfig
 from pipelines.data import prepare
-from pipelines.data.records import FIELDS, read_jsonl, write_jsonl
-from pipelines.data.sources import detect_lang, difficulty_of
+from pipelines.data.records import FIELDS, detect_lang, question_key, read_jsonl, write_jsonl
+from pipelines.data.sources import difficulty_of
 from pipelines.sql import ddl_of, execute, schema_of
 from tests.conftest import GAME_DDL, GAME_QA, GAME_ROWS, SHOP_DDL, SHOP_QA, SHOP_ROWS, make_db
 
@@ -291,12 +291,10 @@ def test_difficulty_of(sql: str, expected: str) -> None:
     assert difficulty_of(sql) == expected
 
 
-def test_detect_lang_and_normalize_question() -> None:
+def test_detect_lang_and_question_key() -> None:
     assert detect_lang("서울 고객 수 (count)") == "ko" and detect_lang("How many?") == "en"
-    assert (
-        prepare.normalize_question("  How MANY   orders, in total? ") == "how many orders in total"
-    )
-    assert prepare.normalize_question("주문은 몇 개야?") == "주문은 몇 개야"
+    assert question_key("  How MANY   orders, in total? ") == "how many orders in total"
+    assert question_key("주문은 몇 개야?") == "주문은 몇 개야"
 
 
 def test_built_database_skips_bad_tables(tmp_path: Path) -> None:

@@ -17,16 +17,18 @@ from fastapi.testclient import TestClient
 from pipelines.config import ROOT, load_params
 from pipelines.release.deploy import deploy
 from pipelines.serving.backend import VLLMCompletions
-from pipelines.serving.gateway import Text2SQL, create_app
+from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import RouteWatcher
-from pipelines.serving.vllm_server import VLLM_VENV, VLLMAdmin, vllm_command, vllm_env
+from pipelines.serving.service import Text2SQL
+from pipelines.serving.vllm_server import VLLMAdmin, vllm_command, vllm_env
+from pipelines.vllm_runtime import VLLMRuntime
 
 P = load_params()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not (VLLM_VENV / ".sqlops-installed").is_file()
+        VLLMRuntime.of(P).problem() is not None
         or not (P.path("base_model") / "config.json").is_file()
         or not (P.path("prepared") / "train.jsonl").is_file(),
         reason="needs make serve-setup, models/base and data/prepared",
@@ -58,18 +60,18 @@ class AdapterDir:
 def real_vllm(tmp_path_factory):
     """(params pointing at a private vLLM, admin); the server is stopped by its process group."""
     tmp = tmp_path_factory.mktemp("vllm")
-    serving = P.serving.model_copy(
-        update={"vllm_port": free_port(), "routing_file": tmp / "routing.json", "smoke_min_pass": 0}
+    p = P.replace(
+        serving={"vllm_port": free_port(), "smoke_min_pass": 0},
+        paths={"routing": tmp / "routing.json"},
     )
-    p = P.model_copy(update={"serving": serving})
     log = (tmp / "vllm.log").open("wb")
     proc = subprocess.Popen(
         vllm_command(p), cwd=ROOT, env=vllm_env(p), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
-    admin = VLLMAdmin(f"http://127.0.0.1:{serving.vllm_port}/v1")
+    admin = VLLMAdmin(f"http://127.0.0.1:{p.serving.vllm_port}/v1")
     try:
-        deadline = time.monotonic() + serving.vllm_startup_timeout_s
+        deadline = time.monotonic() + p.serving.vllm_startup_timeout_s
         while not admin.healthy():
             assert proc.poll() is None, (tmp / "vllm.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "vLLM did not become healthy"
@@ -98,7 +100,7 @@ def test_adapter_hot_loads_and_gateway_answers(real_vllm):
     assert r.ok and admin.loaded() == ["text2sql-v1"]
 
     ilog = InferenceLog(f"sqlite:///{tmp}/inference.db")
-    app = create_app(service, ilog, RouteWatcher(p.serving.routing_file))
+    app = create_app(service, ilog, RouteWatcher(p.path("routing")))
     with TestClient(app) as client:
         db_id = next((p.path("prepared") / "databases").glob("*.sqlite")).stem
         body = {"question": "How many rows are in the first table?", "db_id": db_id}

@@ -22,18 +22,10 @@ from pathlib import Path
 
 from pipelines.config import DataConfig, load_params, setup_entry_point
 from pipelines.data import sources
-from pipelines.data.records import FIELDS, write_jsonl
+from pipelines.data.records import FIELDS, question_key, write_jsonl
 from pipelines.sql import ddl_of, normalize
 
 log = logging.getLogger(__name__)
-
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def normalize_question(question: str) -> str:
-    """Lower-case, punctuation stripped, whitespace collapsed: the key for duplicates/leakage."""
-    return " ".join(_PUNCT.sub("", question.lower()).split())
-
 
 def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
     """Keep the first of each (db_id, normalised question). Returns the kept records, the
@@ -43,7 +35,7 @@ def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
     kept, exact, same_question = [], 0, 0
     for r in records:
         k_exact = (r["db_id"], r["question"], r["sql"])
-        k_question = (r["db_id"], normalize_question(r["question"]))
+        k_question = (r["db_id"], question_key(r["question"]))
         if k_exact in seen_exact:
             exact += 1
         elif k_question in seen_question:
@@ -79,13 +71,13 @@ def drop_leakage(records: list[dict]) -> tuple[list[dict], int]:
     """Drop train records whose normalised question or SQL also occurs in eval: an evaluation
     example the model has already seen in any phrasing measures memory, not generalisation."""
     evals = [r for r in records if r["split"] == "eval"]
-    questions = {normalize_question(r["question"]) for r in evals}
+    questions = {question_key(r["question"]) for r in evals}
     sqls = {normalize(r["sql"]) for r in evals}
     kept = [
         r
         for r in records
         if r["split"] == "eval"
-        or (normalize_question(r["question"]) not in questions and normalize(r["sql"]) not in sqls)
+        or (question_key(r["question"]) not in questions and normalize(r["sql"]) not in sqls)
     ]
     return kept, len(records) - len(kept)
 

@@ -32,13 +32,12 @@ from pathlib import Path
 import sqlglot
 from sqlglot import exp
 
-from pipelines.config import ROOT, SourceConfig
-from pipelines.data.records import read_jsonl
+from pipelines.config import SourceConfig, resolve
+from pipelines.data.records import detect_lang, read_jsonl
 from pipelines.sql import parse
 
 log = logging.getLogger(__name__)
 
-_HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
 
 
 @dataclass
@@ -46,11 +45,6 @@ class Imported:
     records: list[dict] = field(default_factory=list)  # canonical fields except `split`
     # db_id → SQLite file to copy, or None where the database must be built from the DDL
     databases: dict[str, Path | None] = field(default_factory=dict)
-
-
-def detect_lang(text: str) -> str:
-    """Return "ko" if the text has any Hangul, else "en" (the two languages sqlops is built for)."""
-    return "ko" if _HANGUL.search(text) else "en"
 
 
 def difficulty_of(sql: str) -> str:
@@ -144,11 +138,6 @@ def _create_tables(ddl: str) -> list[exp.Create]:
     return []
 
 
-def _resolve(p: Path | str) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else ROOT / p
-
-
 def _rows(path: Path) -> list[dict]:
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
@@ -161,7 +150,7 @@ def _blank(v: object) -> bool:
 
 
 def load_synthetic(src: SourceConfig, synthetic_dir: Path) -> Imported:
-    root = _resolve(src.path) if src.path else synthetic_dir
+    root = resolve(src.path) if src.path else synthetic_dir
     out = Imported()
     for r in read_jsonl(root / "examples.jsonl"):
         db = root / "databases" / f"{r['db_id']}.sqlite"
@@ -185,9 +174,9 @@ def load_synthetic(src: SourceConfig, synthetic_dir: Path) -> Imported:
 def load_jsonl(src: SourceConfig, synthetic_dir: Path) -> Imported:
     if src.path is None:
         raise ValueError(f"a `{src.type}` source needs `path`")
-    path = _resolve(src.path)
+    path = resolve(src.path)
     extra = src.model_extra or {}
-    db_dir = _resolve(extra["databases"]) if extra.get("databases") else None
+    db_dir = resolve(extra["databases"]) if extra.get("databases") else None
     domains = {str(k): v for k, v in (extra.get("domains") or {}).items()}
     out = Imported()
     for i, r in enumerate(_rows(path)):
@@ -223,7 +212,7 @@ def load_jsonl(src: SourceConfig, synthetic_dir: Path) -> Imported:
 def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
     if src.path is None:
         raise ValueError("a `spider` source needs `path` (the Spider folder)")
-    root = _resolve(src.path)
+    root = resolve(src.path)
     files = [root / n for n in ("train_spider.json", "dev.json") if (root / n).is_file()]
     if not files:
         raise FileNotFoundError(f"no train_spider.json or dev.json in {root}")
@@ -256,7 +245,7 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
 def load_feedback(src: SourceConfig, synthetic_dir: Path) -> Imported:
     if src.path is None:
         raise ValueError("a `feedback` source needs `path` (the feedback folder)")
-    root = _resolve(src.path)
+    root = resolve(src.path)
     path = root if root.suffix in (".jsonl", ".csv") else root / "feedback.jsonl"
     if not path.is_file():
         log.info("feedback: no %s yet, no examples", path)

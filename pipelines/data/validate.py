@@ -33,7 +33,7 @@ import sqlglot
 from sqlglot import exp
 
 from pipelines.config import ValidateConfig, load_params, setup_entry_point
-from pipelines.data.prepare import normalize_question
+from pipelines.data.records import question_key
 from pipelines.data.records import DIFFICULTIES, FIELDS, read_jsonl
 from pipelines.sql import DIALECT, UnsafeSQL, execute, guard, missing_refs, normalize, schema_of
 
@@ -164,12 +164,12 @@ def _flag_duplicates_and_leakage(df: pd.DataFrame, sql_norm: list[str | None]) -
     `no_leakage` (eval rows whose question or SQL also appears in train) in place."""
     first: dict[tuple[str, str], str] = {}
     is_train = df["split"] == "train"
-    train_q = {normalize_question(q) for q in df.loc[is_train, "question"] if q is not None}
+    train_q = {question_key(q) for q in df.loc[is_train, "question"] if q is not None}
     train_sql = {n for n, t in zip(sql_norm, is_train, strict=True) if t and n is not None}
     for i, r in df.iterrows():
         if r["question"] is None:
             continue
-        q = normalize_question(r["question"])
+        q = question_key(r["question"])
         key = (r["db_id"], q)
         df.at[i, "not_duplicate"] = key not in first
         if key in first:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,23 +25,16 @@ import pandas as pd
 import mlflow
 from pipelines import sql as sqlmod
 from pipelines.config import EvaluateConfig, Params, load_params, setup_entry_point
-from pipelines.data.records import read_jsonl
+from pipelines.data.records import read_jsonl, sample_records
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
 from pipelines.eval.metrics import disagreements, score_example, summarize
 from pipelines.eval.report import ReportPaths, model_names, write_report
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer
 from pipelines.model.prompt import build_prompt
 from pipelines.tracking import configure_mlflow
+from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
-
-
-def sample_eval(records: list[dict], max_examples: int, seed: int) -> list[dict]:
-    """A deterministic sample (all records when `max_examples` is 0 or larger than the set)."""
-    if not max_examples or max_examples >= len(records):
-        return records
-    picked = random.Random(seed).sample(range(len(records)), max_examples)
-    return [records[i] for i in sorted(picked)]
 
 
 def evaluate_model(
@@ -51,11 +43,12 @@ def evaluate_model(
     gold: list[sqlmod.ExecResult],
     db_dir: Path,
     cfg: EvaluateConfig,
+    vllm: VLLMRuntime,
 ) -> tuple[list[dict], float]:
     """Scored prediction rows for one model, and its generation speed (tokens/s)."""
     tok = load_tokenizer(spec.base_dir)
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
-    gen = generate(spec, tok, prompts, cfg)
+    gen = generate(spec, tok, prompts, cfg, vllm)
     rows = []
     for r, g, text, pred_sql in zip(records, gold, gen.texts, gen.sql, strict=True):
         pred = sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", pred_sql, cfg.sql_timeout_s)
@@ -118,12 +111,13 @@ def evaluate_models(
     cfg: EvaluateConfig,
     seed: int,
     judge_cache: Path,
+    vllm: VLLMRuntime,
 ) -> tuple[dict, list[dict]]:
     """Generate, score and judge every model on the same examples; one model in memory at a
     time. Returns (metrics in the eval.json shape, one `M` block per model name; rows)."""
     all_rows, speed = [], {}
     for name, load in models.items():
-        rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg)
+        rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg, vllm)
         all_rows += [{"model": name, **row} for row in rows]
     report = apply_judge(all_rows, records, cfg, judge_cache)
     failures_only = cfg.judge.only_execution_failures
@@ -155,10 +149,10 @@ def run(
     adapter_dir: Path,
     prepared_dir: Path,
     judge_cache: Path,
-    merged_root: Path,
+    vllm: VLLMRuntime,
 ) -> tuple[dict, list[dict]]:
     """(metrics in the eval.json shape, prediction rows of both models)."""
-    records = sample_eval(read_jsonl(prepared_dir / "eval.jsonl"), cfg.max_examples, seed)
+    records = sample_records(read_jsonl(prepared_dir / "eval.jsonl"), cfg.max_examples, seed)
     db_dir = prepared_dir / "databases"
     gold = gold_results(records, db_dir, cfg.sql_timeout_s)
     broken = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
@@ -166,9 +160,9 @@ def run(
         raise ValueError(f"gold SQL fails to execute for {len(broken)} examples, e.g. {broken[:5]}")
     models = {
         "base": lambda: ModelSpec(base_dir),
-        "tuned": lambda: ModelSpec(base_dir, adapter_dir, merged_root),
+        "tuned": lambda: ModelSpec(base_dir, adapter_dir),
     }
-    return evaluate_models(models, records, gold, db_dir, cfg, seed, judge_cache)
+    return evaluate_models(models, records, gold, db_dir, cfg, seed, judge_cache, vllm)
 
 
 PREDICTION_COLUMNS = [
@@ -243,7 +237,7 @@ def main() -> None:
         adapter,
         p.path("prepared"),
         p.path("judge_cache"),
-        p.path("merged_models"),
+        VLLMRuntime.of(p),
     )
     paths = report_paths(p)
     write_report(paths, metrics, rows)

@@ -21,28 +21,29 @@ from mlflow.exceptions import MlflowException
 
 import mlflow
 from mlflow import MlflowClient
-from pipelines.config import ROOT, Params, SourceConfig
+from pipelines.config import Params, SourceConfig
 from pipelines.data import sources
 from pipelines.data.prepare import install_databases
+from pipelines.data.records import sample_records
 from pipelines.eval.evaluate import (
     ModelLoader,
     evaluate_models,
     gold_results,
     log_report,
-    sample_eval,
 )
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model.backends import ModelSpec
 from pipelines.sql import ddl_of
 from pipelines.tracking import configure_mlflow
+from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
 DATASET_KINDS = ("spider",)  # `kind:path` forms --dataset accepts
 
 
-def default_out_dir(dataset: str) -> Path:
+def default_out_dir(p: Params, dataset: str) -> Path:
     kind, _, path = dataset.partition(":")
-    return ROOT / "reports" / "external" / f"{kind}-{Path(path).resolve().name}"
+    return p.path("external_eval") / f"{kind}-{Path(path).resolve().name}"
 
 
 def load_dataset(dataset: str, max_examples: int, seed: int, db_dir: Path) -> list[dict]:
@@ -53,7 +54,7 @@ def load_dataset(dataset: str, max_examples: int, seed: int, db_dir: Path) -> li
         raise ValueError(f"--dataset must look like spider:<dir>, got {dataset!r}")
     src = SourceConfig(type=kind, path=Path(path).resolve())
     imported = sources.load(src, synthetic_dir=db_dir)  # (the Spider importer ignores it)
-    records = sample_eval(imported.records, max_examples, seed)
+    records = sample_records(imported.records, max_examples, seed)
     install_databases(records, imported.databases, db_dir)
     ddl: dict[str, str] = {}
     for r in records:
@@ -91,7 +92,7 @@ def model_loader(spec: str, p: Params, work_dir: Path) -> tuple[str, ModelLoader
         uri, dst = f"models:/{name}/{mv.version}", work_dir / label
         dst.mkdir(parents=True, exist_ok=True)
         wrapper = mlflow.pyfunc.load_model(uri, dst_path=str(dst)).unwrap_python_model()
-        return ModelSpec(wrapper.base_dir, wrapper.adapter_dir, p.path("merged_models"))
+        return ModelSpec(wrapper.base_dir, wrapper.adapter_dir)
 
     return label, load, info  # the label names MLflow metrics: no `@` or `/`
 
@@ -126,7 +127,7 @@ def run(
     records, gold = [records[i] for i in kept], [gold[i] for i in kept]
 
     metrics, rows = evaluate_models(
-        models, records, gold, db_dir, cfg, p.seed, p.path("judge_cache")
+        models, records, gold, db_dir, cfg, p.seed, p.path("judge_cache"), VLLMRuntime.of(p)
     )
     metrics["dataset"] = {"spec": dataset, "gold_errors": len(bad)}
     metrics["models"] = lineage

@@ -68,6 +68,14 @@ def breakdown(rows: list[dict], key: str) -> dict[str, dict]:
     return {k: {"execution_accuracy": _mean(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
+def pooled_accuracy(by_domain: dict[str, dict], domains: Sequence[str]) -> float | None:
+    """Execution accuracy over `domains` pooled by example count (a `by_domain` breakdown);
+    None when none of them was evaluated."""
+    parts = [by_domain[d] for d in domains if d in by_domain]
+    n = sum(x["n"] for x in parts)
+    return sum(x["execution_accuracy"] * x["n"] for x in parts) / n if n else None
+
+
 def judge_figures(rows: list[dict], failures_only: bool) -> tuple[float | None, float | None]:
     """(judge accuracy, judge-vs-execution kappa) over the rows that have a verdict.
 

@@ -1,6 +1,6 @@
 """One generation interface, two backends: offline vLLM when it is installed, transformers else.
 
-`generate(spec, tok, prompts, cfg)` returns a `Generation` (raw texts, extracted SQL, tokens,
+`generate(spec, tok, prompts, cfg, vllm)` returns a `Generation` (raw texts, extracted SQL, tokens,
 seconds) whichever backend ran; `evaluate`, `sqlops eval`, the experiments and `make bench` all
 call it. `evaluate.backend` picks:
 
@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from pipelines.config import ROOT, EvaluateConfig
 from pipelines.model.generate import Generation, generate_sql
 from pipelines.model.merge import merged_model_dir
-from pipelines.serving.vllm_server import RUN_DIR, VLLM_VENV, vllm_cpu_env
+from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
 VLLM_SCRIPT = Path(__file__).with_name("vllm_offline.py")
@@ -45,14 +45,12 @@ class ModelSpec:
 
     base_dir: Path
     adapter_dir: Path | None = None
-    merged_root: Path | None = None  # where merged copies are cached (paths.merged_models)
 
-    def vllm_model_dir(self) -> Path:
+    def vllm_model_dir(self, merged_root: Path) -> Path:
+        """The weights vLLM loads: the base, or the adapter merged into it (cached)."""
         if self.adapter_dir is None:
             return self.base_dir
-        if self.merged_root is None:
-            raise ValueError("a merged model needs a cache folder (paths.merged_models)")
-        return merged_model_dir(self.base_dir, self.adapter_dir, self.merged_root)
+        return merged_model_dir(self.base_dir, self.adapter_dir, merged_root)
 
 
 def load_tokenizer(base_dir: Path):
@@ -63,10 +61,10 @@ def load_tokenizer(base_dir: Path):
     return tok
 
 
-def vllm_problem() -> str | None:
+def vllm_problem(vllm: VLLMRuntime) -> str | None:
     """Why offline vLLM cannot run here (None when it can)."""
-    if not (VLLM_VENV / ".sqlops-installed").is_file():
-        return "vLLM is not installed (`make serve-setup` adds it)"
+    if problem := vllm.problem():
+        return problem
     if _vllm_failed:
         return f"vLLM failed earlier in this process ({_vllm_failed[-1]})"
     return None
@@ -90,26 +88,28 @@ def pick_backend(cfg: EvaluateConfig, n_prompts: int, problem: str | None) -> tu
     return "vllm", "vLLM is installed: offline vLLM on merged weights is the fastest here"
 
 
-def generate_vllm(model_dir: Path, token_ids: list[list[int]], cfg: EvaluateConfig) -> dict:
+def generate_vllm(
+    model_dir: Path, token_ids: list[list[int]], cfg: EvaluateConfig, vllm: VLLMRuntime
+) -> dict:
     """Run vllm_offline.py on the prompts' token ids; its result dict (raises when it fails)."""
     request = {
         "model": str(model_dir),
         "dtype": "bfloat16",
-        "max_model_len": cfg.vllm_max_model_len,
+        "max_model_len": vllm.max_model_len,
         "max_num_seqs": cfg.vllm_max_num_seqs,
         "max_new_tokens": cfg.max_new_tokens,
         "stop": STOP,
         "prompt_token_ids": token_ids,
     }
-    RUN_DIR.mkdir(exist_ok=True)
-    out = RUN_DIR / "vllm-offline.log"  # the last run's vLLM output, kept for a look
+    vllm.run_dir.mkdir(parents=True, exist_ok=True)
+    out = vllm.run_dir / "vllm-offline.log"  # the last run's vLLM output, kept for a look
     with tempfile.TemporaryDirectory(prefix="sqlops-vllm-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
-        cmd = [str(VLLM_VENV / "bin" / "python"), str(VLLM_SCRIPT), str(req), str(res)]
+        cmd = [str(vllm.python), str(VLLM_SCRIPT), str(req), str(res)]
         with out.open("wb") as log_file:
             proc = subprocess.run(
-                cmd, cwd=ROOT, env=vllm_cpu_env(cfg.vllm_kvcache_gb), stdout=log_file,
+                cmd, cwd=ROOT, env=vllm.env(), stdout=log_file,
                 stderr=subprocess.STDOUT, timeout=cfg.vllm_timeout_s, check=False,
             )  # fmt: skip
         if proc.returncode != 0 or not res.is_file():
@@ -118,14 +118,16 @@ def generate_vllm(model_dir: Path, token_ids: list[list[int]], cfg: EvaluateConf
         return json.loads(res.read_text())
 
 
-def generate(spec: ModelSpec, tok, prompts: list[str], cfg: EvaluateConfig) -> Generation:
+def generate(
+    spec: ModelSpec, tok, prompts: list[str], cfg: EvaluateConfig, vllm: VLLMRuntime
+) -> Generation:
     """Greedy SQL for every prompt, from the backend `evaluate.backend` picks."""
-    backend, why = pick_backend(cfg, len(prompts), vllm_problem())
+    backend, why = pick_backend(cfg, len(prompts), vllm_problem(vllm))
     log.info("generation backend: %s (%s)", backend, why)
     if backend == "vllm":
         token_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         try:
-            out = generate_vllm(spec.vllm_model_dir(), token_ids, cfg)
+            out = generate_vllm(spec.vllm_model_dir(vllm.merged_root), token_ids, cfg, vllm)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             if cfg.backend == "vllm":
                 raise

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipelines.config import ROOT, TrainConfig
+from pipelines.config import ROOT, TrainConfig, resolve
 
 # Set in the launched processes, so that they train instead of launching again.
 LAUNCHED_ENV = "SQLOPS_TRAIN_LAUNCHED"
-DEFAULT_ACCELERATE_CONFIG = ROOT / "infra" / "accelerate" / "ddp.yaml"
+DDP_CONFIG = Path("infra/accelerate/ddp.yaml")  # in the repo: used when none is configured
 
 
 def cpu_has_bf16() -> bool:
@@ -107,8 +107,7 @@ def load_for_training(base_dir: Path, quantization: str, device: torch.device):
 
 def accelerate_config(cfg: TrainConfig) -> Path:
     """The accelerate config file a launch uses; DeepSpeed without deepspeed fails here."""
-    path = Path(cfg.accelerate_config) if cfg.accelerate_config else DEFAULT_ACCELERATE_CONFIG
-    path = path if path.is_absolute() else ROOT / path
+    path = resolve(cfg.accelerate_config or DDP_CONFIG)
     if not path.is_file():
         raise FileNotFoundError(f"train.accelerate_config: {path} does not exist")
     kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type")

@@ -27,9 +27,9 @@ from pathlib import Path
 import pandas as pd
 import sqlglot
 
-from pipelines.config import load_params, setup_entry_point
-from pipelines.data.records import write_jsonl
-from pipelines.data.sources import detect_lang, difficulty_of
+from pipelines.config import Params, load_params, setup_entry_point
+from pipelines.data.records import detect_lang, write_jsonl
+from pipelines.data.sources import difficulty_of
 from pipelines.sql import UnsafeSQL, ddl_of, execute, guard, missing_refs, parse, schema_of
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,12 @@ def export(
     return result
 
 
-def main() -> None:
+def export_logged(p: Params) -> FeedbackExport:
+    """`export` of the whole inference log into `paths.feedback`, each record's domain read from
+    the prepared data (the monitoring flow and `python -m pipelines.monitoring.feedback`)."""
     from pipelines.data.records import read_jsonl
     from pipelines.serving.inference_log import InferenceLog
 
-    setup_entry_point()
-    p = load_params()
     prepared = p.path("prepared")
     domains = {
         r["db_id"]: r["domain"]
@@ -150,13 +150,18 @@ def main() -> None:
         if (prepared / f"{split}.jsonl").is_file()
         for r in read_jsonl(prepared / f"{split}.jsonl")
     }
-    res = export(
+    return export(
         InferenceLog(p.serving.inference_log_url).window(),
         prepared / "databases",
         p.path("feedback"),
         p.monitoring.feedback_sql_timeout_s,
         domains,
     )
+
+
+def main() -> None:
+    setup_entry_point()
+    res = export_logged(load_params())
     print(json.dumps({**res.__dict__, "path": str(res.path)}, indent=2))
 
 

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 DAY_S = 24 * 3600
 
 
+def history_horizon_s(cfg: MonitoringConfig) -> float:
+    """How far back the retrain history must reach for `should_retrain` to judge both the
+    cooldown and the daily limit."""
+    return max(DAY_S, cfg.cooldown_hours * 3600)
+
+
 def should_retrain(
     drift: DriftResult, now: float, history: Iterable[float], cfg: MonitoringConfig
 ) -> tuple[bool, list[str]]:

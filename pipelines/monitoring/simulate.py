@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from pipelines.data.domains import DOMAINS
-from pipelines.data.prepare import normalize_question
+from pipelines.data.records import question_key
 from pipelines.data.synth import generate_examples, generate_rows
 from pipelines.sql import normalize
 
@@ -36,7 +36,7 @@ def fresh_questions(
     """Up to `n_per_domain` questions per domain with gold SQL, none of whose wording or SQL
     occurs in `known` (the prepared examples). `data_seed` must be the seed that built the
     databases (values are drawn from the same rows); `question_seed` makes them new."""
-    seen_q = {normalize_question(r["question"]) for r in known}
+    seen_q = {question_key(r["question"]) for r in known}
     seen_sql = {normalize(r["sql"]) for r in known}
     out: list[dict] = []
     for name in domains:
@@ -50,7 +50,7 @@ def fresh_questions(
             langs,
             question_seed,
         )
-        fresh = (d for d in drafts if normalize_question(d["question"]) not in seen_q)
+        fresh = (d for d in drafts if question_key(d["question"]) not in seen_q)
         new = [d for d in fresh if normalize(d["sql"]) not in seen_sql][:n_per_domain]
         if len(new) < n_per_domain:
             log.warning("%s: only %d fresh questions of %d", name, len(new), n_per_domain)

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,10 +32,10 @@ from typing import Protocol
 
 import httpx
 
-from pipelines.config import ROOT, Params
-from pipelines.serving.backend import VLLMCompletions, vllm_url
-from pipelines.serving.gateway import Text2SQL
+from pipelines.config import Params
+from pipelines.serving.backend import vllm_url
 from pipelines.serving.routing import Route, adapter_name, read_route, write_route
+from pipelines.serving.service import Text2SQL, service_from_params
 from pipelines.serving.vllm_server import ModelServer, model_server, start_background
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,13 @@ class MlflowRegistry:
         rollback(self.p, to=version)
 
     def adapter_path(self, version: int) -> Path:
-        """`<adapters_dir>/<model>-v<N>/`, copied out of the registered model once. A marker
-        names the version's source, so a folder left by another registry is never reused."""
+        """`<paths.served_adapters>/<model>-v<N>/`, copied out of the registered model once. A
+        marker names the version's source, so a folder left by another registry is never
+        reused."""
         import mlflow
 
         name = self.p.registry.model_name
-        target = ROOT / self.p.serving.adapters_dir / adapter_name(name, version)
+        target = self.p.path("served_adapters") / adapter_name(name, version)
         source = self.client.get_model_version(name, str(version)).source
         marker = target / ".registered_source"
         if marker.is_file() and marker.read_text() == source:
@@ -180,12 +182,12 @@ def deploy(
     version = version or registry.champion()
     if version is None:
         raise ValueError("no champion to deploy: run `sqlops release` first")
-    routing = ROOT / cfg.routing_file
+    routing = p.path("routing")
     name = adapter_name(p.registry.model_name, version)
     previous = read_route(routing)
     path = registry.adapter_path(version)
     server.serve(name, path)
-    service = service or smoke_service(p)
+    service = service or service_from_params(p, cache=False)
     questions = canaries(p, cfg.smoke_questions)
     route = served_route(p, name, version, path)
     # The first batch in a vLLM process (LoRA's above all) is very slow: pay it before users
@@ -235,6 +237,14 @@ def revert(
     return to.version
 
 
+def is_serving(p: Params) -> bool:
+    """Whether a model is being served: the gateway has a route and its vLLM answers (then a
+    promotion is deployed at once)."""
+    from pipelines.serving.vllm_server import VLLMAdmin
+
+    return read_route(p.path("routing")) is not None and VLLMAdmin(vllm_url(p.serving)).healthy()
+
+
 def served_route(p: Params, name: str, version: int, adapter: Path) -> Route:
     """The route to a served version. With merged serving it names no adapter: the gateway
     must not try to load a LoRA into a vLLM that serves merged weights (a 404 there is a 503)."""
@@ -248,21 +258,9 @@ def route_to(p: Params, version: int, server: ModelServer, registry: Registry) -
     path = registry.adapter_path(version)
     server.serve(name, path)
     route = served_route(p, name, version, path)
-    write_route(ROOT / p.serving.routing_file, route)
+    write_route(p.path("routing"), route)
     log.info("routed the gateway to %s", name)
     return route
-
-
-def smoke_service(p: Params) -> Text2SQL:
-    """The gateway's request path with the base model's tokenizer, against the vLLM server."""
-    from transformers import AutoTokenizer
-
-    cfg = p.serving
-    tok = AutoTokenizer.from_pretrained(p.path("base_model"))
-    backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
-    return Text2SQL(
-        cfg.model_copy(update={"cache_size": 0}), p.path("prepared") / "databases", tok, backend
-    )
 
 
 def serve(p: Params, background: bool) -> int:
@@ -271,7 +269,7 @@ def serve(p: Params, background: bool) -> int:
     import sys
 
     cfg = p.serving
-    route = read_route(ROOT / cfg.routing_file)
+    route = read_route(p.path("routing"))
     registry = MlflowRegistry(p)
     if route is None and registry.champion() is None:
         raise ValueError("no champion to serve: run `sqlops release` first")
@@ -284,23 +282,24 @@ def serve(p: Params, background: bool) -> int:
     elif route.model not in server.loaded():  # vLLM was (re)started: the version is not on it
         route_to(p, route.version, server, registry)
     url = f"http://{cfg.host}:{cfg.gateway_port}"
-    if not background:
-        from pipelines.serving.gateway import main
-
-        main()
-        return 0
-    pid = start_background(
-        "gateway", [sys.executable, "-m", "pipelines.serving.gateway"], dict(os.environ)
-    )
-    deadline = time.monotonic() + 120
+    gateway = [sys.executable, "-m", "pipelines.release.server"]
+    if not background:  # in the foreground until Ctrl-C; vLLM keeps running
+        return subprocess.run(gateway, check=False).returncode
+    run_dir = p.path("run_dir")
+    pid = start_background("gateway", gateway, dict(os.environ), run_dir)
+    deadline = time.monotonic() + cfg.gateway_startup_timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                print(f"gateway: {url} (pid {pid}, log .run/gateway.log); vLLM: {server.root}")
+                print(f"gateway: {url} (pid {pid}, log {run_dir}/gateway.log); vLLM: {server.root}")
                 print("stop both with: sqlops serve --stop (or make serve-stop)")
                 return 0
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    log.error("gateway not healthy after 120 s; see .run/gateway.log")
+    log.error(
+        "gateway not healthy after %.0f s; see %s/gateway.log",
+        cfg.gateway_startup_timeout_s,
+        run_dir,
+    )
     return 1

@@ -105,3 +105,17 @@ def should_promote(
             )
         )
     return Decision(all(ok for ok, _ in checks), [r for _, r in checks])
+
+
+def promoted_version(release: dict, champion_before: int | None) -> int | None:
+    """The version a release made champion (`release`: {version, champion}), or None when the
+    gate kept the champion it found."""
+    if release["champion"] != release["version"] or release["version"] == champion_before:
+        return None
+    return release["version"]
+
+
+def improved(before: float | None, after: float | None) -> bool:
+    """Whether a retrained version beats the accuracy it replaced (`make demo`'s verdict);
+    no accuracy before counts as 0."""
+    return after is not None and after > (before or 0.0)

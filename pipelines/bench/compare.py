@@ -4,7 +4,7 @@
     python -m pipelines.bench generation   generation tokens/s: the backend sqlops picks
                                            vs transformers batched (batch 16, fp32)
     python -m pipelines.bench serving      seconds/request through the gateway vs vLLM directly,
-                                           then a hot swap under load (serving/loadtest.py)
+                                           then a hot swap under load (bench/loadtest.py)
 
 Each comparison writes `reports/bench/<name>.json` in the output contract of DESIGN.md:
 `{metric, unit, sqlops, baseline, baseline_name, ratio, setup}`; `serving` writes
@@ -26,23 +26,22 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from pipelines.config import ROOT, Params, load_params, setup_entry_point
-from pipelines.data.records import read_jsonl
-from pipelines.eval.evaluate import sample_eval
+from pipelines.config import Params, load_params, setup_entry_point
+from pipelines.data.records import read_jsonl, sample_records
 from pipelines.model import backends, batches, devices
 from pipelines.model.base import load_base
 from pipelines.model.generate import generate_sql
 from pipelines.model.loss import completion_loss
 from pipelines.model.prompt import build_prompt
 from pipelines.sql import extract_sql
+from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
-BENCH_DIR = ROOT / "reports" / "bench"
 
 
-def _write(name: str, result: dict) -> Path:
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    out = BENCH_DIR / f"{name}.json"
+def _write(p: Params, name: str, result: dict) -> Path:
+    p.path("bench").mkdir(parents=True, exist_ok=True)
+    out = p.path("bench") / f"{name}.json"
     out.write_text(json.dumps(result, indent=2))
     log.info(
         "%s: sqlops %.1f vs %s %.1f %s (ratio %.2f) -> %s",
@@ -120,6 +119,7 @@ def bench_train(p: Params, steps: int | None = None) -> Path:
     # The road not taken by `train.shared_prefix`, for the record.
     other_s = _time_steps(model, unshared if share else batch, steps, sqlops)
     return _write(
+        p,
         "train",
         {
             "metric": "training tokens per second",
@@ -179,10 +179,8 @@ def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -
     cfg = p.evaluate.model_copy(update={"max_new_tokens": max_new_tokens})
     adapter = p.path("adapter")
     has_adapter = (adapter / "adapter_model.safetensors").is_file()
-    spec = backends.ModelSpec(
-        p.path("base_model"), adapter if has_adapter else None, p.path("merged_models")
-    )
-    records = sample_eval(read_jsonl(p.path("prepared") / "eval.jsonl"), n_prompts, p.seed)
+    spec = backends.ModelSpec(p.path("base_model"), adapter if has_adapter else None)
+    records = sample_records(read_jsonl(p.path("prepared") / "eval.jsonl"), n_prompts, p.seed)
     tok = backends.load_tokenizer(spec.base_dir)
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
 
@@ -196,10 +194,11 @@ def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -
     base_sql = [extract_sql(t) for t in base_texts]
 
     start = time.monotonic()
-    gen = backends.generate(spec, tok, prompts, cfg)
+    gen = backends.generate(spec, tok, prompts, cfg, VLLMRuntime.of(p))
     total = time.monotonic() - start  # merge (first time) + engine start-up + generation
     same = sum(a == b for a, b in zip(gen.sql, base_sql, strict=True)) / len(prompts)
     return _write(
+        p,
         "generation",
         {
             "metric": "generation tokens per second",
@@ -237,17 +236,17 @@ def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -
     )
 
 
-def bench_serving(p: Params, out: Path = BENCH_DIR.parent, **load) -> dict | None:
+def bench_serving(p: Params, **load) -> dict | None:
     """Gateway vs direct vLLM and the hot swap (`loadtest.run`, `load` = its sizes), with vLLM +
     gateway started for it when not already up; None, with the reason logged, when skipped."""
-    from pipelines.serving import loadtest
+    from pipelines.bench import loadtest
 
     reason = loadtest.cannot_run(p)
     if reason is not None:
         log.warning("serving bench skipped: %s", reason)
         return None
     with loadtest.serving_up(p):
-        return loadtest.run(p, out, **load)
+        return loadtest.run(p, **load)
 
 
 def main() -> None:

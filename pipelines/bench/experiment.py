@@ -14,6 +14,7 @@ Writes reports/experiments/<name>.{json,md}; the markdown also goes to each run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,17 +23,17 @@ from pathlib import Path
 import torch
 
 import mlflow
-from pipelines.config import ROOT, Params
-from pipelines.data.records import read_jsonl
-from pipelines.eval.evaluate import evaluate_model, gold_results, sample_eval
+from pipelines.config import Params
+from pipelines.data.records import read_jsonl, sample_records
+from pipelines.eval.evaluate import evaluate_model, gold_results
 from pipelines.model import devices, train
 from pipelines.model.backends import ModelSpec
 from pipelines.model.base import load_base
 from pipelines.model.batches import collate, group_batches, tokenize
 from pipelines.model.loss import CompletionLoss, eval_loss
+from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
-OUT_DIR = ROOT / "reports" / "experiments"
 
 
 def lora_rank_variants(ranks: list[int]) -> list[dict]:
@@ -48,15 +49,16 @@ def run(
     name: str,
     variants: list[dict],
     steps: int | None = None,
-    out_dir: Path = OUT_DIR,
 ) -> Path:
     """Trains and evaluates one adapter per variant; returns the markdown table's path."""
+    out_dir, vllm = p.path("experiments"), VLLMRuntime.of(p)
     prepared = p.path("prepared")
     db_dir = prepared / "databases"
     heldout = read_jsonl(prepared / "eval.jsonl")
-    records = sample_eval(heldout, p.evaluate.max_examples, p.seed)
+    records = sample_records(heldout, p.evaluate.max_examples, p.seed)
     gold = gold_results(records, db_dir, p.evaluate.sql_timeout_s)
     work = out_dir / name
+    vllm = dataclasses.replace(vllm, merged_root=work / "merged")  # removed after each variant
     rows = []
     for variant in variants:
         cfg = p.train.model_copy(update={**variant, "max_steps": steps or p.train.max_steps})
@@ -65,8 +67,8 @@ def run(
         info = train.run(
             cfg, p.seed, p.path("base_model"), prepared, adapter, work / "checkpoint", p.mlflow
         )
-        spec = ModelSpec(p.path("base_model"), adapter, work / "merged")
-        scored, _ = evaluate_model(spec, records, gold, db_dir, p.evaluate)
+        spec = ModelSpec(p.path("base_model"), adapter)
+        scored, _ = evaluate_model(spec, records, gold, db_dir, p.evaluate, vllm)
         accuracy = sum(r["execution_match"] for r in scored) / len(scored)
         loss = heldout_loss(p, adapter, heldout, cfg.precision)
         rows.append(
@@ -103,7 +105,7 @@ def heldout_loss(p: Params, adapter: Path, records: list[dict], precision: str) 
     model, tok = load_base(p.path("base_model"), adapter, merge=False)
     device, dtype = devices.pick_device(precision)
     # Every record counts: the length limit is the one generation has, not training's.
-    examples, _, kept = tokenize(records, tok, p.evaluate.vllm_max_model_len)
+    examples, _, kept = tokenize(records, tok, p.vllm.max_model_len)
     batches = []  # one DDL per batch: its prefix runs once, as in training
     for idxs in group_batches([r["ddl"] for r in kept], p.train.batch_size):
         batch = collate([examples[i] for i in idxs], tok.pad_token_id)

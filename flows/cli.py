@@ -1,4 +1,6 @@
-"""`sqlops` command line: the side-effecting steps that live outside `dvc repro`.
+"""`sqlops` command line: the side-effecting steps that live outside `dvc repro`, and the one
+entry point of the Prefect flows. It sits above both the library (pipelines/) and the flows, so
+it is the only module that imports both.
 
 sqlops release               register the adapter, gate it, move `champion` if it wins
 sqlops rollback [--to N]     point `champion` back at the previous (or a given) version (and
@@ -10,7 +12,8 @@ sqlops serve [--background]  vLLM (started if needed) + the champion + the gatew
 sqlops summary               base vs tuned figures, run id, versions, how to open the UIs
 sqlops flow training         run the Prefect training flow (each DVC stage a task, then release)
 sqlops flow release          run the Prefect release flow (register, gate, deploy, smoke, rollback)
-sqlops flow monitoring       drift check on the inference log; retrains when the policy says so
+sqlops flow monitoring [--hours N] [--no-retrain]
+                             drift check on the inference log; retrains when the policy says so
 sqlops flow demo             the closed loop: traffic, drift, feedback, retraining, promotion
 sqlops prefect serve         serve the training + monitoring deployments to a Prefect server
 sqlops experiment lora-rank  train + evaluate at LoRA ranks 8/16/64, one table (seed book)
@@ -78,11 +81,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.release.deploy import serve
     from pipelines.serving.vllm_server import stop_background
 
+    p = load_params()
     if args.stop:
         for name in ("gateway", "vllm"):
-            print(f"{name}: {'stopped' if stop_background(name) else 'not running'}")
+            stopped = stop_background(name, p.path("run_dir"))
+            print(f"{name}: {'stopped' if stopped else 'not running'}")
         return 0
-    return serve(load_params(), background=args.background)
+    return serve(p, background=args.background)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -148,23 +153,26 @@ def cmd_flow(args: argparse.Namespace) -> int:
     elif args.name == "monitoring":
         from flows.monitoring import monitoring
 
-        print(json.dumps(monitoring(retrain=not args.no_retrain), indent=2))
+        out = monitoring(window_hours=args.hours, retrain=not args.no_retrain)
+        print(json.dumps(out, indent=2))
     elif args.name == "demo":
-        from flows.demo import demo, improved
+        from flows.demo import demo
+        from pipelines.release.gate import improved
 
-        return 0 if improved(demo()) else 1
+        r = demo()
+        return 0 if improved(r["drifted_domain_ex_before"], r["drifted_domain_ex_after"]) else 1
     return 0
 
 
 def cmd_prefect(args: argparse.Namespace) -> int:
-    from flows.deployments import main as serve_deployments
+    from flows.deployments import serve_deployments
 
     serve_deployments()
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pipelines.model import experiment
+    from pipelines.bench import experiment
 
     variants = (
         experiment.lora_rank_variants(args.ranks)
@@ -180,8 +188,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipelines.eval import external
 
-    out = args.out or external.default_out_dir(args.dataset)
-    metrics = external.run(load_params(), args.dataset, args.model, out, args.max_examples)
+    p = load_params()
+    out = args.out or external.default_out_dir(p, args.dataset)
+    metrics = external.run(p, args.dataset, args.model, out, args.max_examples)
     print(f"\n{args.dataset}: {metrics['n_examples']} examples, judge {metrics['judge']['status']}")
     print(f"  {'model':<24}{'execution':>10}{'95% CI':>16}{'exact':>8}{'valid':>8}{'judge':>8}")
     for label in metrics["models"]:
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     fl = sub.add_parser("flow", help="run a Prefect flow")
     fl.add_argument("name", choices=["training", "release", "monitoring", "demo"])
     fl.add_argument("--no-retrain", action="store_true", help="monitoring: check and report only")
+    fl.add_argument("--hours", type=float, help="monitoring: window length (default: params.yaml)")
     for p in (dp, fl):
         p.add_argument(
             "--force-smoke-failure", action="store_true", help="fail the smoke test (drill)"

@@ -1,6 +1,6 @@
 """Bounded load on loopback: the gateway vs vLLM directly (same run), and a hot swap under load.
 
-python -m pipelines.serving.loadtest [--requests N] [--concurrency C] [--swaps S]
+python -m pipelines.bench.loadtest [--requests N] [--concurrency C] [--swaps S]
 (`make bench` runs it as `python -m pipelines.bench serving`, starting and stopping the servers)
 
 Needs `sqlops serve` (vLLM + gateway) running. Writes reports/bench/gateway.json (DESIGN.md's
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import httpx
 
-from pipelines.config import ROOT, Params, load_params, setup_entry_point
+from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import vllm_url
 from pipelines.serving.routing import Route, read_route, write_route
 from pipelines.sql import ddl_of
+from pipelines.vllm_runtime import VLLMRuntime
 
 # Default load: enough requests for stable seconds per request on 2 CPU cores, in minutes.
 REQUESTS, CONCURRENCY, SWAPS = 48, 8, 6
@@ -90,7 +91,7 @@ def bench(p: Params, n: int, concurrency: int) -> dict:
     from transformers import AutoTokenizer
 
     cfg = p.serving
-    route = read_route(ROOT / cfg.routing_file)
+    route = read_route(p.path("routing"))
     if route is None:
         raise RuntimeError("nothing is deployed: run `sqlops serve` first")
     gateway = f"http://{cfg.host}:{cfg.gateway_port}"
@@ -157,7 +158,7 @@ def hot_swap(p: Params, n: int, concurrency: int, swaps: int) -> dict:
     cfg = p.serving
     if cfg.merged:
         return {"skipped": "serving.merged: a switch restarts vLLM (no hot swap to measure)"}
-    routing = ROOT / cfg.routing_file
+    routing = p.path("routing")
     route = read_route(routing)
     admin = VLLMAdmin(vllm_url(cfg))
     models = admin.http.get(f"{admin.root}/v1/models").json()["data"]
@@ -196,16 +197,16 @@ def hot_swap(p: Params, n: int, concurrency: int, swaps: int) -> dict:
 def cannot_run(p: Params, champion: Callable[[], int | None] | None = None) -> str | None:
     """Why the serving bench cannot run on this checkout (None when it can). `champion` reads
     the registry's champion version (default: MLflow's)."""
-    if read_route(ROOT / p.serving.routing_file) is None:
+    if read_route(p.path("routing")) is None:
         if champion is None:
             from pipelines.release.deploy import MlflowRegistry
 
             champion = MlflowRegistry(p).champion
         if champion() is None:
             return "no champion is registered: run `make run` (or `sqlops release`) first"
-    from pipelines.serving.vllm_server import VLLM_VENV, VLLMAdmin
+    from pipelines.serving.vllm_server import VLLMAdmin
 
-    installed = os.environ.get("SQLOPS_VLLM_URL") or (VLLM_VENV / ".sqlops-installed").is_file()
+    installed = os.environ.get("SQLOPS_VLLM_URL") or VLLMRuntime.of(p).problem() is None
     if not installed and not VLLMAdmin(vllm_url(p.serving)).healthy():
         return "vLLM is not installed: run `make serve-setup`"
     return None
@@ -232,28 +233,26 @@ def serving_up(p: Params) -> Iterator[None]:
     vllm_was_up = VLLMAdmin(vllm_url(cfg)).healthy()
     try:
         if serve(p, background=True) != 0:
-            raise RuntimeError("serving did not start; see .run/vllm.log and .run/gateway.log")
+            raise RuntimeError(
+                f"serving did not start; see vllm.log and gateway.log in {p.path('run_dir')}"
+            )
         yield
     finally:
-        stop_background("gateway")
+        stop_background("gateway", p.path("run_dir"))
         if not vllm_was_up:
-            stop_background("vllm")
+            stop_background("vllm", p.path("run_dir"))
 
 
 def run(
-    p: Params,
-    out: Path,
-    requests: int = REQUESTS,
-    concurrency: int = CONCURRENCY,
-    swaps: int = SWAPS,
+    p: Params, requests: int = REQUESTS, concurrency: int = CONCURRENCY, swaps: int = SWAPS
 ) -> dict:
-    """Both measurements against running servers: `out`/bench/gateway.json, `out`/hot_swap.json."""
-    (out / "bench").mkdir(parents=True, exist_ok=True)
+    """Both measurements against running servers: <paths.bench>/gateway.json, paths.hot_swap."""
+    p.path("bench").mkdir(parents=True, exist_ok=True)
     b = bench(p, requests, concurrency)
-    (out / "bench" / "gateway.json").write_text(json.dumps(b, indent=2) + "\n")
+    (p.path("bench") / "gateway.json").write_text(json.dumps(b, indent=2) + "\n")
     print(json.dumps(b, indent=2))
     h = hot_swap(p, requests, concurrency, swaps)
-    (out / "hot_swap.json").write_text(json.dumps(h, indent=2) + "\n")
+    p.path("hot_swap").write_text(json.dumps(h, indent=2) + "\n")
     print(json.dumps(h, indent=2))
     return {"gateway": b, "hot_swap": h}
 
@@ -266,7 +265,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=CONCURRENCY)
     ap.add_argument("--swaps", type=int, default=SWAPS)
     args = ap.parse_args()
-    run(load_params(), ROOT / "reports", args.requests, args.concurrency, args.swaps)
+    run(load_params(), args.requests, args.concurrency, args.swaps)
 
 
 if __name__ == "__main__":

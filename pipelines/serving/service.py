@@ -1,0 +1,195 @@
+"""The request path without HTTP: question + db_id → prompt → model server → SQL → guard →
+optional bounded read-only execution, with an exact-match response cache and Prometheus metrics.
+
+`Text2SQL.answer(...)` returns an `Answer` (HTTP status, body, inference-log row); the gateway
+(pipelines/serving/gateway.py) wraps it in FastAPI, and the deployment smoke test
+(pipelines/release/deploy.py) calls it directly, so both judge a version the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.concurrency import run_in_threadpool
+
+from pipelines.config import Params, ServingConfig
+from pipelines.model.prompt import build_prompt
+from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
+from pipelines.serving.routing import Route
+from pipelines.sql import UnsafeSQL, ddl_of, execute, extract_sql, guard
+
+_DB_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60)
+
+
+def casefold_question(question: str) -> str:
+    """Case and whitespace only. Unlike the data de-duplication key, punctuation stays: "price
+    > 5" and "price < 5" must not share a cached answer."""
+    return " ".join(question.casefold().split())
+
+
+class ResponseCache:
+    """Exact-match LRU of generated SQL keyed by (model version, db_id, normalised question)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> str | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: tuple, sql: str) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[key] = sql
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class GatewayMetrics:
+    """Per-app Prometheus registry (several apps in one process, e.g. tests, do not clash)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sqlops_gateway_requests", "SQL requests by outcome", ["status"], registry=r
+        )
+        self.latency = Histogram(
+            "sqlops_gateway_request_seconds",
+            "End-to-end latency of /v1/sql",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.guard_rejections = Counter(
+            "sqlops_gateway_guard_rejections", "Generated SQL refused by the guard", registry=r
+        )
+        self.cache_hits = Counter("sqlops_gateway_cache_hits", "Response cache hits", registry=r)
+        self.backend_errors = Counter(
+            "sqlops_gateway_backend_errors", "vLLM unavailable or failing", registry=r
+        )
+
+
+@dataclass
+class Answer:
+    """The outcome of one question: HTTP status + body, and the inference-log row."""
+
+    http_status: int
+    body: dict[str, Any]
+    row: dict[str, Any]
+
+
+class Text2SQL:
+    """The request path without HTTP: shared by the app and the deployment smoke test."""
+
+    def __init__(self, cfg: ServingConfig, databases: Path, tokenizer: Any, backend: Any):
+        self.cfg, self.databases, self.tok, self.backend = cfg, databases, tokenizer, backend
+        self.cache = ResponseCache(cfg.cache_size)
+        self.metrics = GatewayMetrics()
+        self._ddl: dict[str, str] = {}
+
+    def ddl(self, db_id: str) -> str | None:
+        if db_id not in self._ddl:
+            path = self.databases / f"{db_id}.sqlite"
+            if not _DB_ID.match(db_id) or not path.is_file():
+                return None
+            self._ddl[db_id] = ddl_of(path)
+        return self._ddl[db_id]
+
+    def _bad(self, row: dict, status: int, reason: str) -> Answer:
+        row.update(status="bad_request", error=reason)
+        return Answer(status, {"status": "bad_request", "error": reason}, row)
+
+    async def answer(
+        self, question: str, db_id: str, run_sql: bool, route: Route | None, use_cache: bool = True
+    ) -> Answer:
+        row: dict[str, Any] = {"db_id": db_id[:128], "question": question[:10_000]}
+        if not question.strip():
+            return self._bad(row, 400, "question is empty")
+        if len(question) > self.cfg.max_question_chars:
+            limit = self.cfg.max_question_chars
+            return self._bad(row, 400, f"question is longer than {limit} characters")
+        ddl = self.ddl(db_id)
+        if ddl is None:
+            return self._bad(row, 404, f"unknown db_id {db_id!r}")
+        if route is None:
+            reason = "no model is deployed (run `sqlops deploy`)"
+            row.update(status="backend_error", error=reason)
+            return Answer(503, {"status": "backend_error", "error": reason}, row)
+        row["model_version"] = route.model
+        key = (route.model, db_id, casefold_question(question))
+        sql = self.cache.get(key) if use_cache else None
+        row["cache_hit"] = sql is not None
+        upstream_s = 0.0
+        if sql is None:
+            try:
+                prompt = build_prompt(ddl, question, self.tok)
+                start = time.perf_counter()
+                text = await self.backend.complete(route.model, prompt, route.adapter_path)
+                upstream_s = time.perf_counter() - start
+            except BackendUnavailable as e:
+                self.metrics.backend_errors.inc()
+                row.update(status="backend_error", error=str(e))
+                return Answer(503, {"status": "backend_error", "error": str(e)}, row)
+            sql = extract_sql(text)
+        else:
+            self.metrics.cache_hits.inc()
+        row["sql"] = sql
+        body: dict[str, Any] = {
+            "sql": sql,
+            "model_version": route.model,
+            "cached": row["cache_hit"],
+            "upstream_ms": round(upstream_s * 1000, 2),  # time spent waiting on vLLM
+        }
+        try:
+            sql = guard(sql)
+        except UnsafeSQL as e:
+            # Never executed, never cached: the reason goes back to the caller and the log.
+            self.metrics.guard_rejections.inc()
+            row.update(status="guard_rejected", error=str(e))
+            return Answer(422, body | {"status": "guard_rejected", "error": str(e)}, row)
+        if use_cache:
+            self.cache.put(key, sql)
+        body |= {"sql": sql, "status": "ok"}
+        row["status"] = "ok"
+        if run_sql:
+            res = await run_in_threadpool(
+                execute,
+                self.databases / f"{db_id}.sqlite",
+                sql,
+                self.cfg.sql_timeout_s,
+                self.cfg.max_rows,
+            )
+            row["executed"] = True
+            if res.ok:
+                row["n_rows"] = len(res.rows)
+                body |= {"columns": res.columns, "rows": res.rows, "truncated": res.truncated}
+            else:
+                row.update(status="exec_error", error=res.error)
+                body |= {"status": "exec_error", "error": res.error}
+        return Answer(200 if row["status"] == "ok" else 422, body, row)
+
+
+def service_from_params(p: Params, cache: bool = True) -> Text2SQL:
+    """The request path as served: the base model's tokenizer, the configured vLLM server,
+    the prepared databases; `cache=False` for the smoke test (every canary really generates)."""
+    from transformers import AutoTokenizer
+
+    cfg = p.serving if cache else p.serving.model_copy(update={"cache_size": 0})
+    tok = AutoTokenizer.from_pretrained(p.path("base_model"))
+    backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
+    return Text2SQL(cfg, p.path("prepared") / "databases", tok, backend)
