@@ -2,11 +2,13 @@
 entry point of the Prefect flows. It sits above both the library (pipelines/) and the flows, so
 it is the only module that imports both.
 
-sqlops release               register the adapter, gate it, move `champion` if it wins
+sqlops release               register the adapter, gate it, move `champion` if it wins (and
+                             deploy it when a model is being served)
 sqlops rollback [--to N]     point `champion` back at the previous (or a given) version (and
-                             route the gateway to it when vLLM is running)
-sqlops deploy [--version N]  serve the champion (or N) in vLLM behind the gateway, smoke test,
-                             roll back by itself on failure
+                             deploy it when vLLM is running; the MLflow UI's alias editor does
+                             the same through the gateway's webhook)
+sqlops deploy [--version N]  serve the champion (or make N the champion and serve it) in vLLM
+                             behind the gateway, smoke test, roll back by itself on failure
 sqlops serve [--background]  vLLM (started if needed) + the champion + the gateway on loopback;
                              `sqlops serve --stop` ends both
 sqlops summary               base vs tuned figures, run id, versions, how to open the UIs
@@ -33,18 +35,29 @@ from pipelines.config import ROOT, load_params, setup_entry_point
 
 
 def cmd_release(args: argparse.Namespace) -> int:
+    from pipelines.release.controller import reconcile
+    from pipelines.release.deploy import is_serving
     from pipelines.release.registry import release
 
-    r = release(load_params())
+    p = load_params()
+    r = release(p)
     state = "reused" if r.reused else "new"
     print(f"version {r.version} ({state}, run {r.run_id}) -> champion: v{r.champion}")
     for reason in r.decision.reasons:
         print(f"  {reason}")
+    # This CLI writes the registry directly (no webhook reaches the gateway): deploy here.
+    if r.decision.promote and is_serving(p):
+        result = reconcile(p)
+        print(f"gateway serves v{result.served} ({result.action}{_why(result.error)})")
     return 0
 
 
+def _why(error: str | None) -> str:
+    return f": {error}" if error else ""
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from pipelines.release.deploy import MlflowRegistry, route_to
+    from pipelines.release.controller import reconcile
     from pipelines.release.registry import rollback
     from pipelines.serving.backend import vllm_url
     from pipelines.serving.vllm_server import VLLMAdmin, model_server
@@ -52,19 +65,27 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     p = load_params()
     before, after = rollback(p, args.to)
     print(f"champion: v{before} -> v{after}")
-    admin = VLLMAdmin(vllm_url(p.serving))
-    if admin.healthy():
-        route = route_to(p, after, model_server(p), MlflowRegistry(p))
-        print(f"gateway now serves {route.model}")
-    else:
-        print("vLLM is not running: the next `sqlops deploy` or `sqlops serve` serves it")
+    # Written straight to the registry's store: no webhook reaches the gateway, so the CLI
+    # deploys (the same path: load, smoke test, route; the alias goes back on failure).
+    if VLLMAdmin(vllm_url(p.serving)).healthy():
+        r = reconcile(p, server=model_server(p))
+        print(f"gateway serves v{r.served}, champion v{r.champion} ({r.action}{_why(r.error)})")
+        return 0 if r.served == after else 1
+    print("vLLM is not running: `sqlops serve` (or a running gateway's reconcile loop) serves it")
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from pipelines.release.deploy import deploy
+    from pipelines.release.deploy import MlflowRegistry, deploy, deploy_lock
 
-    r = deploy(load_params(), args.version, force_smoke_failure=args.force_smoke_failure)
+    p = load_params()
+    registry = MlflowRegistry(p)
+    with deploy_lock(p):
+        # The registry says what is served: a gateway's reconcile loop would go back otherwise.
+        if args.version is not None and args.version != (before := registry.champion()):
+            registry.set_champion(args.version)
+            print(f"champion: v{before} -> v{args.version}")
+        r = deploy(p, args.version, registry=registry, force_smoke_failure=args.force_smoke_failure)
     print(f"{r.name}: smoke test {r.smoke.n_ok}/{r.smoke.n} canaries executed")
     for failure in r.smoke.failures:
         print(f"  {failure}")
@@ -92,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
-    from pipelines.release.registry import CHALLENGER, CHAMPION, current_version
+    from pipelines.release.registry import CHALLENGER, CHAMPION, current_version, live_traffic
     from pipelines.tracking import configure_mlflow, tracking_uri
 
     p = load_params()
@@ -133,6 +154,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         f"final loss {train_info['final_loss']:.3f}; MLflow run {train_info['run_id']}"
     )
     print(f"Registry: {name} champion v{champion}, challenger v{challenger}")
+    traffic = live_traffic(p)
+    if traffic:
+        print("Live traffic (shadow answers, serving.shadow_share):")
+        for served, live in sorted(traffic.items()):
+            print(f"  {served:<20} {live.n:>6} answers, execution errors {pct(live.rate)}")
     print(
         f"\nMLflow UI:  make ui  (or: mlflow ui --backend-store-uri {tracking_uri(p.mlflow)} "
         "--host 127.0.0.1 --port 5000) -> http://127.0.0.1:5000"

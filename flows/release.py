@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipelines.config import load_params
 from pipelines.release.deploy import deploy as deploy_version
+from pipelines.release.deploy import deploy_lock
 from pipelines.release.registry import release as register_and_gate
 
 
@@ -27,7 +28,9 @@ def register_and_gate_task() -> dict:
 
 @task
 def deploy_task(version: int | None, force_smoke_failure: bool = False) -> dict:
-    r = deploy_version(load_params(), version, force_smoke_failure=force_smoke_failure)
+    p = load_params()
+    with deploy_lock(p):  # the gateway's reconcile loop deploys too
+        r = deploy_version(p, version, force_smoke_failure=force_smoke_failure)
     lines = [f"- smoke test of {r.name}: {r.smoke.n_ok}/{r.smoke.n} canaries executed"]
     lines += [f"- failed: {f}" for f in r.smoke.failures]
     if r.rolled_back_to is not None:

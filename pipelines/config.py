@@ -40,6 +40,7 @@ class Paths(_Block):
     merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
     served_adapters: Path  # local copies of registered adapters, one immutable folder per version
     routing: Path  # which version the gateway serves; written by `sqlops deploy`
+    deploy_lock: Path  # file lock: one deploy at a time across processes (CLI, gateway)
     run_dir: Path  # PIDs and logs of the servers sqlops starts in the background
     vllm_venv: Path  # vLLM's own venv (`make serve-setup`)
     vllm_cache: Path  # VLLM_CACHE_ROOT of every vLLM process sqlops starts
@@ -48,6 +49,7 @@ class Paths(_Block):
     experiments: Path  # `sqlops experiment` tables
     external_eval: Path  # `sqlops eval` reports, one folder per dataset
     demo_report: Path  # `sqlops flow demo` figures
+    ui_screenshots: Path  # screenshots of the browser checks of the MLflow UI
 
 
 class BaseModelConfig(_Block):
@@ -143,6 +145,8 @@ class RegistryConfig(_Block):
     domain_tolerance: float  # largest execution-accuracy drop allowed in any one domain
     min_valid_sql_rate: float  # share of predictions that must parse and execute
     judge_tolerance: float  # largest judge-accuracy drop allowed (when judged)
+    live_min_rows: int  # shadow answers per version the gate needs to read live traffic
+    live_error_tolerance: float  # live execution-error rate the challenger may add (shadow)
 
 
 class ServingConfig(_Block):
@@ -164,6 +168,9 @@ class ServingConfig(_Block):
     max_lora_rank: int  # vLLM --max-lora-rank (at least train.lora_r)
     merged: bool  # serve the adapter merged into the base weights (faster; a switch restarts
     # vLLM, 503s meanwhile) instead of runtime-loaded LoRA adapters (hot swap, no downtime)
+    reconcile_s: float  # gateway: served version vs the registry's champion, checked this often
+    webhook_max_age_s: float  # signed MLflow webhook deliveries older than this are refused
+    shadow_share: float  # share of requests also answered by the `challenger` (shadow rows)
 
 
 class MonitoringConfig(_Block):

@@ -26,6 +26,7 @@ from tests.loopback import LoopbackServer
 class FakeRegistry:
     def __init__(self, root: Path, champion: int | None):
         self.root, self._champion, self.moves = root, champion, []
+        self.failures: dict[int, str] = {}  # version -> reason (MLflow: the deploy_failed tag)
 
     def champion(self) -> int | None:
         return self._champion
@@ -33,6 +34,13 @@ class FakeRegistry:
     def set_champion(self, version: int) -> None:
         self._champion = version
         self.moves.append(version)
+
+    def clear_champion(self) -> None:
+        self._champion = None
+        self.moves.append(None)
+
+    def note_failure(self, version: int, reason: str) -> None:
+        self.failures[version] = reason
 
     def adapter_path(self, version: int) -> Path:
         path = self.root / f"v{version}"
@@ -102,11 +110,13 @@ def test_forced_smoke_failure_rolls_back(env):
     assert read_route(p.path("routing")).version == 1
 
 
-def test_first_deploy_failing_leaves_nothing_routed(env):
-    p, *_ = env
+def test_first_deploy_failing_leaves_nothing_routed_and_no_champion(env):
+    p, _, _, registry, _ = env
     r = run_deploy(env, force_smoke_failure=True)
     assert not r.ok and r.rolled_back_to is None
     assert read_route(p.path("routing")) is None
+    # The alias named a version nothing serves: it is removed, the reason is on the version.
+    assert registry.champion() is None and "smoke test 0/1" in registry.failures[1]
 
 
 def test_route_to_after_a_registry_rollback(env):

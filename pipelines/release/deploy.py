@@ -3,8 +3,16 @@
 deploy(p, version)  copy the version's adapter out of MLflow (once, immutable) → make vLLM serve
                     it as `<model>-v<N>` → route the gateway to it → smoke test (canary
                     questions must give SQL that executes) → on failure the route and the
-                    `champion` alias return to the previous version by themselves → unload
-                    adapters beyond `serving.keep_adapters`.
+                    `champion` alias return to the previous version by themselves (the reason
+                    tagged `deploy_failed` on the failed version, so the MLflow UI shows why)
+                    → unload adapters beyond `serving.keep_adapters`.
+
+Every way a deploy can end leaves the route and the alias agreeing (or the alias on the last
+good version, which the reconcile loop of pipelines/release/controller.py serves again): a
+smoke test that crashes counts as failed; a revert whose own reload fails leaves nothing routed
+rather than the failed version; a first deploy that fails removes the alias it could not serve.
+A model server that is down is not the version's fault: the alias stays and the deploy is
+retried. `deploy_lock(p)` serialises deploys across processes (CLI, gateway).
 
 "Make vLLM serve it" is the model server's `serve(name, adapter)` (pipelines/serving/
 vllm_server.py): a runtime LoRA load into a running vLLM (default, no restart of anything), or
@@ -18,6 +26,8 @@ rollback` and by flows/release.py; nothing here runs in DVC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -40,12 +51,15 @@ from pipelines.serving.vllm_server import ModelServer, model_server, start_backg
 
 log = logging.getLogger(__name__)
 SMOKE_FAILURE_DB = "__forced_smoke_failure__"  # a canary that cannot pass (drills, tests)
+FAILURE_TAG = "deploy_failed"  # on a version that failed to deploy: when and why (the UI shows it)
 
 
 class Registry(Protocol):
     def champion(self) -> int | None: ...
     def set_champion(self, version: int) -> None: ...
+    def clear_champion(self) -> None: ...
     def adapter_path(self, version: int) -> Path: ...
+    def note_failure(self, version: int, reason: str) -> None: ...
 
 
 class MlflowRegistry:
@@ -68,6 +82,18 @@ class MlflowRegistry:
         from pipelines.release.registry import rollback
 
         rollback(self.p, to=version)
+
+    def clear_champion(self) -> None:
+        from pipelines.release.registry import CHAMPION
+
+        self.client.delete_registered_model_alias(self.p.registry.model_name, CHAMPION)
+
+    def note_failure(self, version: int, reason: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        name = self.p.registry.model_name
+        self.client.set_model_version_tag(
+            name, str(version), FAILURE_TAG, f"{stamp}: {reason}"[:5000]
+        )
 
     def adapter_path(self, version: int) -> Path:
         """`<paths.served_adapters>/<model>-v<N>/`, copied out of the registered model once. A
@@ -185,25 +211,45 @@ def deploy(
     routing = p.path("routing")
     name = adapter_name(p.registry.model_name, version)
     previous = read_route(routing)
-    path = registry.adapter_path(version)
-    server.serve(name, path)
     service = service or service_from_params(p, cache=False)
     questions = canaries(p, cfg.smoke_questions)
-    route = served_route(p, name, version, path)
-    # The first batch in a vLLM process (LoRA's above all) is very slow: pay it before users
-    # are routed here.
-    smoke_test(service, route, questions[:1], 0.0)
+    try:
+        path = registry.adapter_path(version)
+        server.serve(name, path)
+        route = served_route(p, name, version, path)
+        # The first batch in a vLLM process (LoRA's above all) is very slow: pay it before
+        # users are routed here.
+        smoke_test(service, route, questions[:1], 0.0)
+    except Exception as e:
+        if not server.healthy():
+            raise  # the model server is away, not the version's fault: retried later
+        # Nothing was routed yet: users stay on the previous version, and so does the alias.
+        reason = f"could not load {name}: {type(e).__name__}: {e}"
+        log.error("%s", reason)
+        registry.note_failure(version, reason)
+        smoke = SmokeResult(False, 0, 0, [reason])
+        to = previous.version if previous and previous.version != version else None
+        _alias_back(registry, version, to)
+        return DeployResult(version, name, smoke, rolled_back_to=to)
     write_route(routing, route)
     log.info("routed the gateway to %s (was %s)", name, previous.model if previous else None)
 
     if force_smoke_failure:
         questions = [{"question": "forced smoke failure", "db_id": SMOKE_FAILURE_DB}]
-    smoke = smoke_test(service, route, questions, cfg.smoke_min_pass)
+    try:
+        smoke = smoke_test(service, route, questions, cfg.smoke_min_pass)
+    except Exception as e:  # a crash is a failed smoke test: the route must not stay here
+        log.exception("smoke test of %s crashed", name)
+        smoke = SmokeResult(
+            False, 0, len(questions), [f"smoke test crashed: {type(e).__name__}: {e}"]
+        )
     log.info("smoke test of %s: %d/%d canaries executed", name, smoke.n_ok, smoke.n)
     result = DeployResult(version, name, smoke)
     if not smoke.passed:
         for failure in smoke.failures:
             log.warning("smoke failure: %s", failure)
+        reason = f"smoke test {smoke.n_ok}/{smoke.n}: " + "; ".join(smoke.failures[:3])
+        registry.note_failure(version, reason)
         result.rolled_back_to = revert(p, server, registry, routing, failed=route, to=previous)
         return result
     result.unloaded = prune(server, p.registry.model_name, cfg.keep_adapters, name)
@@ -219,22 +265,56 @@ def revert(
     to: Route | None,
 ) -> int | None:
     """Route back to the previous version (loaded again, or vLLM restarted on it when merged)
-    and move `champion` back with it."""
+    and move `champion` back with it. Returns the version routed again (None: nothing is)."""
+    if to is not None and to.version == failed.version:
+        log.error("smoke test of the version already served failed; routing left as it was")
+        return None
     if to is None:
         routing.unlink(missing_ok=True)  # nothing served before: the gateway answers 503
         log.error("smoke test failed and there is no previous version to return to")
+        _alias_back(registry, failed.version, None)
         return None
-    if to.version == failed.version:
-        log.error("smoke test of the version already served failed; routing left as it was")
+    try:
+        path = registry.adapter_path(to.version)
+        server.serve(to.model, path)  # an adapter is still loaded unless pruned
+    except Exception:
+        # A version that failed its smoke test is never left serving: 503s until the reconcile
+        # loop serves the alias (moved back below) again.
+        log.exception("reloading %s failed: nothing is routed", to.model)
+        routing.unlink(missing_ok=True)
+        _alias_back(registry, failed.version, to.version)
         return None
-    path = registry.adapter_path(to.version)
-    server.serve(to.model, path)  # an adapter is still loaded unless pruned
     write_route(routing, served_route(p, to.model, to.version, path))
-    if registry.champion() != to.version:
-        registry.set_champion(to.version)
-    server.unload(failed.model)
+    _alias_back(registry, failed.version, to.version)
+    with contextlib.suppress(Exception):  # merged serving already dropped it with the restart
+        server.unload(failed.model)
     log.warning("rolled back: serving %s again, champion v%d", to.model, to.version)
     return to.version
+
+
+def _alias_back(registry: Registry, failed: int, to: int | None) -> None:
+    """`champion` onto the last good version, or removed when there is none: the registry
+    must not name a champion that cannot be served."""
+    champion = registry.champion()
+    if to is not None and champion != to:
+        registry.set_champion(to)
+    elif to is None and champion == failed:
+        registry.clear_champion()
+        log.error("champion alias removed from v%d: no earlier served version", failed)
+
+
+@contextlib.contextmanager
+def deploy_lock(p: Params) -> Iterator[None]:
+    """One deploy at a time on this machine (an advisory file lock: the CLI and the gateway's
+    reconcile loop are different processes)."""
+    path = p.path("deploy_lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_serving(p: Params) -> bool:
@@ -268,18 +348,21 @@ def serve(p: Params, background: bool) -> int:
     gateway."""
     import sys
 
+    from pipelines.release.controller import reconcile
+
     cfg = p.serving
     route = read_route(p.path("routing"))
     registry = MlflowRegistry(p)
     if route is None and registry.champion() is None:
         raise ValueError("no champion to serve: run `sqlops release` first")
     server = model_server(p)
+    # The champion, not the last route: the alias may have moved while nothing was serving.
+    result = reconcile(p, server=server, registry=registry)
+    route = read_route(p.path("routing"))
     if route is None:
-        result = deploy(p, server=server, registry=registry)
-        if not result.ok:
-            log.error("the champion failed its smoke test; not starting the gateway")
-            return 1
-    elif route.model not in server.loaded():  # vLLM was (re)started: the version is not on it
+        log.error("nothing to serve (%s); not starting the gateway", result.error or "no route")
+        return 1
+    if route.model not in server.loaded():  # vLLM was (re)started: the version is not on it
         route_to(p, route.version, server, registry)
     url = f"http://{cfg.host}:{cfg.gateway_port}"
     gateway = [sys.executable, "-m", "pipelines.release.server"]

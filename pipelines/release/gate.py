@@ -9,7 +9,10 @@ against the current champion. Every check adds a reason; all must pass:
   same examples), so a lucky draw of the eval sample does not promote;
 - no domain loses more than `domain_tolerance` of execution accuracy;
 - the valid-SQL rate is at least `min_valid_sql_rate`;
-- judge accuracy, when both have one, is not worse by more than `judge_tolerance`.
+- judge accuracy, when both have one, is not worse by more than `judge_tolerance`;
+- on live traffic (shadow answers, `serving.shadow_share`), when both have at least
+  `live_min_rows`, the challenger's execution-error rate is not above the champion's by more
+  than `live_error_tolerance`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,38 @@ def paired_bootstrap_lower(
     return bootstrap_ci(diffs, samples, seed)[0]
 
 
+@dataclass(frozen=True)
+class LiveErrors:
+    """One version's shadow answers: how many, and how many failed to give SQL that runs."""
+
+    n: int
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.errors / self.n if self.n else 0.0
+
+
+def live_errors(statuses: Sequence[str]) -> LiveErrors:
+    """Execution-error rate of shadow answers by status (guard rejections count as errors:
+    the user would have had no result either)."""
+    return LiveErrors(len(statuses), sum(s in ("exec_error", "guard_rejected") for s in statuses))
+
+
+def live_check(
+    challenger: LiveErrors, champion: LiveErrors, cfg: RegistryConfig
+) -> tuple[bool, str] | None:
+    """The live-traffic check, or None while either side has too few shadow answers."""
+    if min(challenger.n, champion.n) < cfg.live_min_rows:
+        return None
+    ok = challenger.rate <= champion.rate + cfg.live_error_tolerance
+    return (
+        ok,
+        f"live execution-error rate {challenger.rate:.3f} ({challenger.n} shadow answers) vs "
+        f"champion {champion.rate:.3f} ({champion.n}) (tolerance {cfg.live_error_tolerance})",
+    )
+
+
 def should_promote(
     challenger: dict,
     champion: dict | None,
@@ -46,9 +81,11 @@ def should_promote(
     cfg: RegistryConfig,
     paired: tuple[Sequence[bool], Sequence[bool]] | None = None,
     seed: int = 0,
+    live: tuple[LiveErrors, LiveErrors] | None = None,
 ) -> Decision:
     """`paired`: (challenger, reference) execution verdicts on the same examples, or None when
-    they were not scored on the same examples (the bootstrap check is then skipped)."""
+    they were not scored on the same examples (the bootstrap check is then skipped). `live`:
+    (challenger, champion) shadow answers on live traffic, or None when there are none."""
     ref, ref_name = (base, "base model") if champion is None else (champion, "champion")
     checks: list[tuple[bool, str]] = []
 
@@ -104,6 +141,8 @@ def should_promote(
                 f"(tolerance {cfg.judge_tolerance})",
             )
         )
+    if live is not None and champion is not None and (check := live_check(*live, cfg)):
+        checks.append(check)
     return Decision(all(ok for ok, _ in checks), [r for _, r in checks])
 
 

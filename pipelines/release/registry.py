@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from pipelines.config import ROOT, Params
 from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, content_hash
-from pipelines.release.gate import Decision, should_promote
+from pipelines.release.gate import Decision, LiveErrors, live_errors, should_promote
 from pipelines.tracking import configure_mlflow
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,22 @@ def _history(client: MlflowClient, name: str) -> list[int]:
     return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
 
+def live_traffic(p: Params) -> dict[str, LiveErrors]:
+    """Shadow answers in the inference log by served name (`text2sql-v<N>`): what the gate and
+    `sqlops summary` read of live traffic. Empty when there is no log yet."""
+    from pipelines.serving.inference_log import InferenceLog, sqlite_path
+
+    url = p.serving.inference_log_url
+    db = sqlite_path(url)
+    if db is not None and not db.is_file():
+        return {}  # not created here: a release must not make an empty log
+    rows = InferenceLog(url).window(shadow=True)
+    return {
+        str(name): live_errors(group["status"].tolist())
+        for name, group in rows.groupby("model_version")
+    }
+
+
 def set_champion(client: MlflowClient, name: str, version: int) -> None:
     """Move the champion alias and record the move in the model's history tag."""
     client.set_registered_model_alias(name, CHAMPION, str(version))
@@ -217,6 +233,10 @@ def release(p: Params) -> ReleaseResult:
             reference = (version_outcomes(client, name, champion) or {}).get("tuned")
         else:
             reference = mine.get("base")
+        live = None
+        if champion:
+            traffic, empty = live_traffic(p), LiveErrors(0, 0)
+            live = tuple(traffic.get(f"{name}-v{v}", empty) for v in (version, champion))
         decision = should_promote(
             challenger["tuned"],
             champion_m,
@@ -224,6 +244,7 @@ def release(p: Params) -> ReleaseResult:
             p.registry,
             paired_verdicts(mine.get("tuned", {}), reference),
             p.seed,
+            live,
         )
         if decision.promote:
             set_champion(client, name, version)

@@ -8,6 +8,11 @@ GET  /v1/models    registry versions with lineage, and the adapter being served
 GET  /health       200 when vLLM answers and an adapter is routed, else 503 with the reason
 GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors
 
+Hooks for the layer above (pipelines/release/server.py): `routers` adds endpoints (the MLflow
+webhook), `health_extra` a block of /health (served vs registry champion), and `shadow` names
+the challenger's route: `serving.shadow_share` of the requests are then answered by it as well,
+in a background task after the response, both answers executed and logged as shadow rows.
+
 Every /v1/sql request and its outcome goes to the inference log. `SQLOPS_API_KEY` (env), when
 set, is required as `Authorization: Bearer <key>` or `X-API-Key` on /v1/*. The process that
 serves it (params.yaml, MLflow, vLLM) is pipelines/release/server.py: run it with `sqlops serve`.
@@ -17,18 +22,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.serving.inference_log import InferenceLog
-from pipelines.serving.routing import RouteWatcher
+from pipelines.serving.routing import Route, RouteWatcher
 from pipelines.serving.service import Text2SQL
 from pipelines.sql import UnsafeSQL, guard
 
@@ -66,16 +73,40 @@ def create_app(
     routes: RouteWatcher,
     catalog: Callable[[], list[dict]] | None = None,
     api_key: str | None = None,
+    routers: Sequence[APIRouter] = (),
+    health_extra: Callable[[], dict] | None = None,
+    shadow: Callable[[], Route | None] | None = None,
 ) -> FastAPI:
     """The HTTP app around a `Text2SQL` service; `catalog` lists registry versions."""
     app = FastAPI(title="sqlops gateway", version="1")
     auth = [Depends(_api_key_check(api_key))]
     m = service.metrics
+    for router in routers:
+        app.include_router(router)
+
+    async def shadow_answers(question: str, db_id: str, routes_: tuple[Route, ...]) -> None:
+        """The champion's answer (from the cache) and the challenger's, both executed: the
+        live comparison the gate reads. Never affects the user's request."""
+        for route in routes_:
+            try:
+                start = time.perf_counter()
+                a = await service.answer(question, db_id, True, route)
+                a.row |= {"shadow": True, "latency_ms": (time.perf_counter() - start) * 1000}
+                await run_in_threadpool(inference_log.record, **a.row)
+            except Exception:
+                log.exception("shadow request to %s failed", route.model)
+
+    def shadow_task(req: SQLRequest, route: Route | None, status: str) -> BackgroundTask | None:
+        challenger = shadow() if shadow and route and status != "bad_request" else None
+        if challenger is None or random.random() >= service.cfg.shadow_share:
+            return None
+        return BackgroundTask(shadow_answers, req.question, req.db_id, (route, challenger))
 
     @app.post("/v1/sql", dependencies=auth)
     async def sql(req: SQLRequest) -> JSONResponse:
         start = time.perf_counter()
-        a = await service.answer(req.question, req.db_id, req.execute, routes.current())
+        route = routes.current()
+        a = await service.answer(req.question, req.db_id, req.execute, route)
         elapsed = time.perf_counter() - start
         a.row["latency_ms"] = elapsed * 1000
         try:
@@ -86,7 +117,8 @@ def create_app(
         m.requests.labels(a.row["status"]).inc()
         m.latency.observe(elapsed)
         body = {"request_id": request_id, **a.body, "latency_ms": round(elapsed * 1000, 2)}
-        return JSONResponse(body, status_code=a.http_status)
+        background = shadow_task(req, route, a.row["status"])
+        return JSONResponse(body, status_code=a.http_status, background=background)
 
     @app.post("/v1/feedback", dependencies=auth)
     async def feedback(req: FeedbackRequest) -> dict:
@@ -125,6 +157,8 @@ def create_app(
             reason = "no model is deployed (run `sqlops deploy`)"
         body = {"status": "ok" if reason is None else "unavailable", "reason": reason}
         body["model"] = route.model if route else None
+        if health_extra is not None:
+            body["registry"] = health_extra()
         return JSONResponse(body, status_code=200 if reason is None else 503)
 
     @app.get("/metrics")

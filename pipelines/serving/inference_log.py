@@ -40,6 +40,9 @@ requests = sa.Table(
     sa.Column("feedback_verdict", sa.String(16)),  # "correct" | "wrong" from POST /v1/feedback
     sa.Column("feedback_sql", sa.Text),  # a user's corrected SQL
     sa.Column("feedback_ts", sa.Float),
+    # A shadow answer (serving.shadow_share): the champion's and the challenger's, both executed,
+    # for the gate; never shown to a user, left out of windows (drift, figures) by default.
+    sa.Column("shadow", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
 )
 
 COLUMNS = [c.name for c in requests.columns]
@@ -59,6 +62,16 @@ class InferenceLog:
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         _meta.create_all(self.engine)
+        self._add_shadow_column()
+
+    def _add_shadow_column(self) -> None:
+        """Logs created before shadow traffic existed get the column (default false)."""
+        if "shadow" in {c["name"] for c in sa.inspect(self.engine).get_columns("requests")}:
+            return
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "ALTER TABLE requests ADD COLUMN shadow BOOLEAN NOT NULL DEFAULT FALSE"
+            )
 
     def record(self, **row: Any) -> str:
         """Insert one request; fills `request_id`, `ts`, `lang` when absent. Returns the id."""
@@ -88,6 +101,7 @@ class InferenceLog:
                     "lang": detect_lang(row.get("question", "")),
                     "executed": False,
                     "cache_hit": False,
+                    "shadow": False,
                     **row,
                 }
             )
@@ -116,9 +130,12 @@ class InferenceLog:
             ).first()
         return dict(row._mapping) if row else None
 
-    def window(self, since: float | None = None, until: float | None = None) -> pd.DataFrame:
-        """Requests with `since <= ts < until` (either bound optional), oldest first."""
-        q = sa.select(requests).order_by(requests.c.ts)
+    def window(
+        self, since: float | None = None, until: float | None = None, shadow: bool = False
+    ) -> pd.DataFrame:
+        """Requests with `since <= ts < until` (either bound optional), oldest first; users'
+        requests, or with `shadow` the shadow answers only."""
+        q = sa.select(requests).order_by(requests.c.ts).where(requests.c.shadow == shadow)
         if since is not None:
             q = q.where(requests.c.ts >= since)
         if until is not None:
