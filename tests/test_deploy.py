@@ -55,7 +55,11 @@ def env(tmp_path, prepared_dir, tiny_base_dir):
 
     p = load_params().replace(
         serving={"keep_adapters": 2, "smoke_questions": 3},
-        paths={"prepared": prepared_dir, "routing": tmp_path / "routing.json"},
+        paths={
+            "prepared": prepared_dir,
+            "routing": tmp_path / "routing.json",
+            "deploy_lock": tmp_path / "deploy.lock",
+        },
     )
     serving = p.serving
     with FakeVLLM({q: sql for q, sql, *_ in GAME_QA}) as fake:

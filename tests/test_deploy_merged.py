@@ -65,6 +65,7 @@ def merged(tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
             "base_model": tiny_base_dir,
             "merged_models": tmp_path / "merged",
             "routing": tmp_path / "routing.json",
+            "deploy_lock": tmp_path / "deploy.lock",
             "run_dir": run_dir,
         },
     )

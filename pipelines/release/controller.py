@@ -102,6 +102,8 @@ def reconcile(
                 break
             action = "deployed" if r.ok else "rolled_back"
             error = None if r.ok else "; ".join(r.smoke.failures[:3])
+            if not r.ok:  # the alias went back by itself; serving it again is the next tick's
+                break
         return ReconcileResult(registry.champion(), served_version(p), action, error, time.time())
 
 
