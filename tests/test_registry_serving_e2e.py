@@ -104,9 +104,12 @@ def served(url: str) -> int | None:
     return s["version"] if s else None
 
 
-def wait_served(url: str, version: int, timeout_s: float = 60.0) -> float:
-    """Seconds until the gateway's /v1/models says `version` is served."""
-    start = time.perf_counter()
+def wait_served(
+    url: str, version: int, timeout_s: float = 60.0, since: float | None = None
+) -> float:
+    """Seconds (from `since`, a perf_counter reading, or now) until the gateway's /v1/models
+    says `version` is served."""
+    start = since or time.perf_counter()
     while served(url) != version:
         assert time.perf_counter() - start < timeout_s, f"v{version} not served in time"
         time.sleep(0.1)
@@ -133,7 +136,7 @@ def test_alias_moves_through_mlflow_reach_serving(stack, caplog):
         time.sleep(1.5)  # the server caches its webhook list (MLFLOW_WEBHOOK_CACHE_TTL=1)
         start = time.perf_counter()
         server.set_alias(MODEL, "champion", 3)
-        webhook_s = wait_served(url, 3, timeout_s=30)
+        webhook_s = wait_served(url, 3, timeout_s=30, since=start)
         print(f"\nalias move -> v3 served via webhook: {webhook_s:.2f} s")
         assert fake.adapters.keys() >= {"text2sql-v3"}
 
