@@ -58,13 +58,26 @@ format: setup
 	$(BIN)/ruff check --fix pipelines flows tests
 
 # MLflow UI and Prefect server on loopback, in the background; `make ui-stop` ends both by PID.
+# Moving `champion` in the MLflow UI is a rollback: with SQLOPS_WEBHOOK_SECRET set (the same
+# value in the gateway's environment) the UI's server sends a signed webhook to the gateway,
+# which serves the new champion within seconds; without it the gateway's reconcile loop
+# follows within serving.reconcile_s. MLflow refuses webhook targets on loopback and private
+# addresses (its SSRF guard) and plain http unless MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true and
+# MLFLOW_WEBHOOK_ALLOWED_SCHEMES allows http: the gateway is on 127.0.0.1 here. The key MLflow
+# encrypts stored webhook secrets with is derived from the secret, so a restart can read them.
 ui: setup
 	@mkdir -p $(PIDS)
-	@MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid $(BIN)/mlflow ui \
+	@env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	  MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https \
+	  $$([ -n "$$SQLOPS_WEBHOOK_SECRET" ] && echo MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$$($(BIN)/python -m pipelines.release.webhook encryption-key)) \
+	  setsid $(BIN)/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 \
 	  --port $(MLFLOW_PORT) --workers 1 > $(PIDS)/mlflow.log 2>&1 & echo $$! > $(PIDS)/mlflow.pid
 	@setsid $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
 	  > $(PIDS)/prefect.log 2>&1 & echo $$! > $(PIDS)/prefect.pid
+	@if [ -n "$$SQLOPS_WEBHOOK_SECRET" ]; then \
+	  $(BIN)/python -m pipelines.release.webhook register --tracking-uri http://127.0.0.1:$(MLFLOW_PORT); \
+	else echo "MLflow webhook: off (set SQLOPS_WEBHOOK_SECRET); the gateway's reconcile loop follows alias moves"; fi
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)   (log: $(PIDS)/mlflow.log)"
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (log: $(PIDS)/prefect.log)"
 	@echo "Flows report to it with: export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api"

@@ -21,7 +21,7 @@ from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.release.controller import ReconcileLoop
 from pipelines.release.deploy import Registry
 from pipelines.release.registry import CHALLENGER, CHAMPION, list_versions
-from pipelines.release.webhook import SECRET_ENV, webhook_router
+from pipelines.release.webhook import webhook_router
 from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import RouteWatcher
@@ -63,7 +63,7 @@ def gateway(
         p.registry.model_name,
         CHAMPION,
         p.serving.webhook_max_age_s,
-        os.environ.get(SECRET_ENV) or None,
+        os.environ.get("SQLOPS_WEBHOOK_SECRET") or None,
     )
     app = create_app(
         service,

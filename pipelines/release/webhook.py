@@ -153,24 +153,44 @@ def encryption_key(secret: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()
 
 
+def wait_for_server(tracking_uri: str, timeout_s: float) -> None:
+    """Until the MLflow server answers /health (it takes 7-33 s to start)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{tracking_uri}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"MLflow server at {tracking_uri} not up after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def main() -> None:
-    """`register --tracking-uri URI --url URL` (make ui) or `encryption-key` (its env)."""
-    from pipelines.config import setup_entry_point
+    """`register --tracking-uri URI [--url URL]` (make ui) or `encryption-key` (its env)."""
+    from pipelines.config import load_params, setup_entry_point
 
     setup_entry_point()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["register", "encryption-key"])
     ap.add_argument("--tracking-uri", help="the MLflow server, e.g. http://127.0.0.1:5000")
-    ap.add_argument("--url", help="the gateway's webhook URL")
+    ap.add_argument("--url", help="the gateway's webhook URL (default: from params.yaml)")
+    ap.add_argument("--wait-s", type=float, default=90, help="wait this long for the server")
     args = ap.parse_args()
-    secret = os.environ.get(SECRET_ENV)
+    secret = os.environ.get("SQLOPS_WEBHOOK_SECRET")
     if not secret:
         raise SystemExit(f"{SECRET_ENV} is not set")
     if args.action == "encryption-key":
         print(encryption_key(secret))
         return
-    hook_id = register(args.tracking_uri, args.url, secret)
-    print(f"MLflow webhook {hook_id}: {', '.join(EVENTS)} -> {args.url}")
+    cfg = load_params().serving
+    url = args.url or f"http://{cfg.host}:{cfg.gateway_port}{PATH}"
+    wait_for_server(args.tracking_uri, args.wait_s)
+    hook_id = register(args.tracking_uri, url, secret)
+    print(f"MLflow webhook {hook_id}: {', '.join(EVENTS)} -> {url}")
 
 
 if __name__ == "__main__":
