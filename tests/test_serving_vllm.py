@@ -52,6 +52,12 @@ class AdapterDir:
     def set_champion(self, version: int) -> None:
         self.moves.append(version)
 
+    def clear_champion(self) -> None:
+        self.moves.append(None)
+
+    def note_failure(self, version: int, reason: str) -> None:
+        self.failure = reason
+
     def adapter_path(self, version: int) -> Path:
         return self.path
 

@@ -152,11 +152,16 @@ class ReconcileLoop:
                 self._registry = self.registry_factory()
             server = self.server_factory()
             result = reconcile(self.p, server=server, registry=self._registry, service=self.service)
-            self._keep_shadow(server, result)
         except Exception as e:  # the registry is away: reported, retried on the next tick
             log.warning("reconcile failed: %s", e)
             self._registry = None
             result = ReconcileResult(None, served_version(self.p), "failed", str(e), time.time())
+        else:
+            try:
+                self._keep_shadow(server, result)
+            except Exception as e:  # shadow traffic is optional: off until the next tick
+                log.warning("shadow traffic off: %s", e)
+                self.shadow = None
         self.last = result
         self.served_gauge.set(result.served or 0)
         self.champion_gauge.set(result.champion or 0)
