@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 import mlflow
 from mlflow import MlflowClient
-from pipelines.config import ROOT, Params
+from pipelines.config import ROOT, Params, sqlite_url
 from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, content_hash
 from pipelines.release.gate import Decision, LiveErrors, live_errors, should_promote
@@ -195,11 +195,13 @@ def _history(client: MlflowClient, name: str) -> list[int]:
 def live_traffic(p: Params) -> dict[str, LiveErrors]:
     """Shadow answers in the inference log by served name (`text2sql-v<N>`): what the gate and
     `sqlops summary` read of live traffic. Empty when there is no log yet."""
-    from pipelines.serving.inference_log import InferenceLog, sqlite_path
+    from sqlalchemy.engine import make_url
+
+    from pipelines.serving.inference_log import InferenceLog
 
     url = p.serving.inference_log_url
-    db = sqlite_path(url)
-    if db is not None and not db.is_file():
+    parsed = make_url(sqlite_url(url))
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         return {}  # not created here: a release must not make an empty log
     rows = InferenceLog(url).window(shadow=True)
     return {
