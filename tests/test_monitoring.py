@@ -42,7 +42,7 @@ def synthetic(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(synthetic) -> drift.Reference:
-    return drift.load_reference(synthetic["train"])
+    return drift.load_reference(synthetic["train"], 42)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from pipelines.model import backends, batches, devices
 from pipelines.model.base import load_base
 from pipelines.model.generate import generate_sql
 from pipelines.model.loss import completion_loss
-from pipelines.model.prompt import build_prompt
+from pipelines.model.prompt import STOP, build_prompt
 from pipelines.sql import extract_sql
 from pipelines.vllm_runtime import VLLMRuntime
 
@@ -163,7 +163,7 @@ def _plain_batched(model, tok, prompts: list[str], batch_size: int, max_new_toke
         enc = tok(prompts[b : b + batch_size], return_tensors="pt", padding=True,
                   add_special_tokens=False)  # fmt: skip
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             stop_strings=backends.STOP, tokenizer=tok,
+                             stop_strings=STOP, tokenizer=tok,
                              pad_token_id=tok.pad_token_id)  # fmt: skip
         gen = out[:, enc.input_ids.shape[1] :]
         new_tokens += int((gen != tok.pad_token_id).sum())
