@@ -23,8 +23,8 @@ from pipelines.data.patterns import (
     aliases,
     lit,
     pattern,
+    pick_aggregate,
 )
-from pipelines.data.schema import Column
 
 JOIN_PATTERNS: list[Pattern] = []
 
@@ -41,11 +41,6 @@ def _from(e: Edge) -> tuple[str, str, str]:
 
 def _slots(s: Sampler, e: Edge, **extra: object) -> dict[str, object]:
     return {"p": e.parent, "ch": e.child, "pd": s.label(e.parent, e.parent.display), **extra}
-
-
-def _agg(s: Sampler, c: Column, fns: tuple[str, ...] = ("AVG", "SUM", "MIN", "MAX")):
-    fn = s.rng.choice([f for f in fns if c.summable or f != "SUM"])
-    return (fn, *AGGREGATES[fn])
 
 
 # --- medium --------------------------------------------------------------------------------------
@@ -168,7 +163,7 @@ def join_group_count(s: Sampler) -> Draft | None:
 def join_group_aggregate(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("num")))
     cc = s.col(e.child, "num")
-    fn, agg, aggn = _agg(s, cc)
+    fn, agg, aggn = pick_aggregate(s, cc)
     frm, ca, pa = _from(e)
     sql = (
         f"SELECT {pa}.{e.parent.display.name}, {fn}({ca}.{cc.name}) {frm} "
@@ -188,7 +183,7 @@ def join_category_aggregate(s: Sampler) -> Draft | None:
     if e is None:
         return None
     cc, g = s.col(e.child, "num"), s.col(e.parent, "cat")
-    fn, agg, aggn = _agg(s, cc, ("AVG", "SUM", "MAX"))
+    fn, agg, aggn = pick_aggregate(s, cc, ("AVG", "SUM", "MAX"))
     frm, ca, pa = _from(e)
     sql = f"SELECT {pa}.{g.name}, {fn}({ca}.{cc.name}) {frm} GROUP BY {pa}.{g.name}"
     slots = _slots(s, e, cc=s.label(e.child, cc), g=s.label(e.parent, g), agg=agg, aggn=aggn)

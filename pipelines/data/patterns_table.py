@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 
 from pipelines.data.patterns import (
-    AGGREGATES,
     COMPARISONS,
     MONTHS_EN,
     Draft,
@@ -24,15 +23,10 @@ from pipelines.data.patterns import (
     lit,
     particle,
     pattern,
+    pick_aggregate,
 )
-from pipelines.data.schema import Column
 
 TABLE_PATTERNS: list[Pattern] = []
-
-
-def _agg(s: Sampler, c: Column) -> tuple[str, Label, Label]:
-    fn = s.rng.choice([f for f in AGGREGATES if c.summable or f != "SUM"])
-    return (fn, *AGGREGATES[fn])
 
 
 # --- easy ----------------------------------------------------------------------------------------
@@ -223,7 +217,7 @@ def count_all(s: Sampler) -> Draft | None:
 def aggregate(s: Sampler) -> Draft | None:
     t = s.table("num")
     c = s.col(t, "num")
-    fn, agg, aggn = _agg(s, c)
+    fn, agg, aggn = pick_aggregate(s, c)
     return Draft(f"SELECT {fn}({c.name}) FROM {t.name}", s.slots(t, c=c, agg=agg, aggn=aggn))
 
 
@@ -237,7 +231,7 @@ def aggregate_where(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
     c, g = s.col(t, "num"), s.col(t, "cat")
     v = s.value(t, g)
-    fn, agg, aggn = _agg(s, c)
+    fn, agg, aggn = pick_aggregate(s, c)
     sql = f"SELECT {fn}({c.name}) FROM {t.name} WHERE {g.name} = {lit(v)}"
     return Draft(sql, s.slots(t, c=c, g=g, v=v, agg=agg, aggn=aggn))
 
@@ -292,7 +286,7 @@ def group_count(s: Sampler) -> Draft | None:
 def group_aggregate(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
     c, g = s.col(t, "num"), s.col(t, "cat")
-    fn, agg, aggn = _agg(s, c)
+    fn, agg, aggn = pick_aggregate(s, c)
     sql = f"SELECT {g.name}, {fn}({c.name}) FROM {t.name} GROUP BY {g.name}"
     return Draft(sql, s.slots(t, c=c, g=g, agg=agg, aggn=aggn))
 
