@@ -51,7 +51,9 @@ NOTES = Domain(
 
 
 def _cfg(domains=None, n=PER_DOMAIN, langs=("ko", "en")) -> SynthConfig:
-    return SynthConfig(domains=list(domains or DOMAINS), examples_per_domain=n, langs=list(langs))
+    """params.yaml's synth block (difficulty mix, empty share) for these domains and languages."""
+    update = {"domains": list(domains or DOMAINS), "examples_per_domain": n, "langs": list(langs)}
+    return load_params().synth.model_copy(update=update)
 
 
 def _dump(db_path) -> list[str]:
@@ -245,6 +247,9 @@ def test_rejects_unknown_domains_and_languages(tmp_path):
         synth.run(_cfg(["game", "casino"]), seed=1, out_dir=tmp_path)
     with pytest.raises(ValueError, match="langs"):
         synth.run(_cfg(["game"], langs=["fr"]), seed=1, out_dir=tmp_path)
+    no_extra = _cfg(["game"]).model_copy(update={"difficulty_weights": {"easy": 1.0}})
+    with pytest.raises(ValueError, match="difficulty_weights"):
+        synth.run(no_extra, seed=1, out_dir=tmp_path)
 
 
 def test_stale_outputs_are_removed(tmp_path):

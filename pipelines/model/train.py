@@ -96,7 +96,14 @@ def run(
         read_jsonl(prepared_dir / "train.jsonl"), cfg.dev_examples, seed
     )
     train_records = repeat_feedback(train_records, cfg.feedback_repeat)
-    train_records = augment(train_records, cfg.schema_augment, cfg.schema_variants, seed)
+    train_records = augment(
+        train_records,
+        cfg.schema_augment,
+        cfg.schema_variants,
+        seed,
+        cfg.schema_p_table,
+        cfg.schema_p_column,
+    )
     examples, dropped, records = tokenize(train_records, tok, cfg.max_length)
     if not examples:
         raise ValueError(f"no training examples fit max_length={cfg.max_length}")
@@ -202,7 +209,7 @@ def run(
                 tokens_seen += n_tok
                 window_tokens += n_tok
             loss_sum = procs.sum(loss_sum)
-            grad_norm = procs.clip_grad_norm(loss_module, params, 1.0)
+            grad_norm = procs.clip_grad_norm(loss_module, params, cfg.grad_clip)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
