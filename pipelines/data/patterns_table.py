@@ -161,7 +161,7 @@ def where_like(s: Sampler) -> Draft | None:
     en=("Which {ts} have their {c} {state}?", "Show the {d} of {ts} whose {c} is {state}.",
         "List every {t} with the {c} {state}."))
 def where_null(s: Sampler) -> Draft | None:
-    roles = ("text", "cat", "num", "date")
+    roles = ("text", "cat", "num", "date")  # a table whose only NULLs are in other roles is skipped
     t = s.table(pred=lambda t: any(c.null > 0 for c in t.cols(*roles)))
     if t is None:
         return None
