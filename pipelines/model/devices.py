@@ -110,7 +110,7 @@ def load_for_training(base_dir: Path, quantization: str, device: torch.device):
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
-    """The adapter `train:` describes; `make bench` times the same one."""
+    """The adapter `train:` describes, for training and `make bench` alike."""
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -242,7 +242,7 @@ class Placement:
     autocast_dtype: torch.dtype | None  # bf16 autocast, or None for fp32
     share_prefix: bool  # a batch's shared system + DDL prefix runs once
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype:
             return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
