@@ -75,7 +75,7 @@ def traffic(p: Params, gateway: str, label: str, domains: list[str], n: int, see
     questions = simulate.fresh_questions(
         domains,
         -(-n // len(domains)),
-        list(p.synth.langs),
+        p.synth,
         p.seed,
         seed,
         prepared / "databases",
