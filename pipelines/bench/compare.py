@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl, sample_records
@@ -83,14 +83,7 @@ def bench_train(p: Params, steps: int | None = None) -> Path:
     device, dtype = devices.pick_device(cfg.precision)
     steps = steps or (20 if device.type == "cuda" else 3)
     model, tok = load_base(p.path("base_model"))
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, devices.lora_config(cfg))
     model.train()
     # One training batch as the schedule builds it: examples of one database.
     records = read_jsonl(p.path("prepared") / "train.jsonl")
