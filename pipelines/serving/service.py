@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.config import Params, ServingConfig
+from pipelines.data.schema_fit import fit_schema
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
 from pipelines.serving.routing import Route
@@ -137,7 +138,8 @@ class Text2SQL:
         upstream_s = 0.0
         if sql is None:
             try:
-                prompt = build_prompt(ddl, question, self.tok)
+                schema = fit_schema(ddl, question, self.cfg.max_ddl_chars)
+                prompt = build_prompt(schema, question, self.tok)
                 start = time.perf_counter()
                 text = await self.backend.complete(route.model, prompt, route.adapter_path)
                 upstream_s = time.perf_counter() - start
