@@ -40,6 +40,7 @@ from tests.fake_vllm import FakeVLLM
 from tests.loopback import LoopbackServer
 from tests.system_servers import INSTALL, PostgresCluster, Prometheus, postgres_bin
 
+pytestmark = pytest.mark.slow  # real servers: ~1 min on 2 busy cores (`make infra-check`)
 P = load_params()
 PRODUCTION = load_params(ROOT / "infra" / "k8s" / "params.production.yaml")
 PROMETHEUS_YML = ROOT / "infra" / "prometheus" / "prometheus.yml"

@@ -37,6 +37,7 @@ ANSWERS = {
 }
 # The challenger answers one question otherwise, so the side-by-side view shows a difference.
 CHALLENGER_ANSWERS = {SEOUL: "SELECT name, city FROM customers WHERE city = 'Seoul' ORDER BY name"}
+ENDLESS = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT COUNT(*) FROM n"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "apt-get install -y chromium chromium-driver"
 
@@ -212,6 +213,7 @@ class Page:
         ]
 
 
+@pytest.mark.slow  # a real browser: ~10-20 s
 def test_playground_in_a_browser(browser, gateway):
     page = Page(browser, gateway.url, P.path("ui_screenshots"))
     browser.get(gateway.url + "/")
@@ -267,12 +269,18 @@ def test_playground_in_a_browser(browser, gateway):
         "SELECT name\nFROM customers\nWHERE city = 'Seoul'\nORDER BY name DESC"
     )
 
-    # A person's SQL goes through the same guard: a write is refused and nothing is sent.
-    editor.clear()
-    editor.send_keys("DELETE FROM customers")
-    page.find("button.run-edit", champion).click()
-    page.until_text(".edit-result .refusal", "Refused by the read-only guard", champion)
-    assert not send.is_enabled()
+    # A person's SQL goes through the same guard and limits: a write is refused, an unknown
+    # column reported, an endless query stopped at the time limit; none of them can be sent.
+    for sql, reason in (
+        ("DELETE FROM customers", "Refused by the read-only guard"),
+        ("SELECT nickname FROM customers", "The SQL did not run"),
+        (ENDLESS, "The query ran out of time"),
+    ):
+        editor.clear()
+        editor.send_keys(sql)
+        page.find("button.run-edit", champion).click()
+        page.until_text(".edit-result .refusal", reason, champion)
+        assert not send.is_enabled(), sql
 
     # Refusals read clearly: the guard, then vLLM away (503) and back.
     page.find("#compare").click()  # champion only from here
