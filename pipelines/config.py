@@ -48,6 +48,7 @@ class Paths(_Block):
     experiments: Path  # `sqlops experiment` tables
     external_eval: Path  # `sqlops eval` reports, one folder per dataset
     demo_report: Path  # `sqlops flow demo` figures
+    ui_screenshots: Path  # the playground in a browser, a screenshot per step (its test)
 
 
 class BaseModelConfig(_Block):
