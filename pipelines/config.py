@@ -49,7 +49,7 @@ class Paths(_Block):
     experiments: Path  # `sqlops experiment` tables
     external_eval: Path  # `sqlops eval` reports, one folder per dataset
     demo_report: Path  # `sqlops flow demo` figures
-    ui_screenshots: Path  # screenshots of the browser checks of the MLflow UI
+    ui_screenshots: Path  # browser checks' screenshots: the playground, the MLflow UI's alias editor
 
 
 class BaseModelConfig(_Block):
@@ -61,6 +61,8 @@ class SynthConfig(_Block):
     domains: list[str]  # synthetic databases to build, one per domain
     examples_per_domain: int  # question/SQL pairs generated per domain
     langs: list[str]  # question languages
+    difficulty_weights: dict[str, float]  # how often each difficulty is drawn (all four listed)
+    max_empty_share: float  # most of a domain's examples whose gold SQL returns nothing
 
 
 class SourceConfig(_Block):
@@ -72,8 +74,10 @@ class SourceConfig(_Block):
 class DataConfig(_Block):
     sources: list[SourceConfig]  # importers run by `prepare`
     split: Literal["held_out_domain", "random"]  # how eval examples are chosen
-    eval_domains: list[str]  # held-out domains (split: held_out_domain)
+    eval_domains: list[str]  # held-out domains (split: held_out_domain): the reported figures
+    selection_domains: list[str]  # held out as well, for choosing knobs (selection.jsonl)
     eval_fraction: float  # share of examples for eval (split: random)
+    max_ddl_chars: int  # longer DDLs keep the tables most related to each question
 
 
 class ValidateConfig(_Block):
@@ -90,6 +94,7 @@ class TrainConfig(_Block):
     target_modules: str | list[str]  # "all-linear" or module names
     learning_rate: float  # peak learning rate (AdamW)
     weight_decay: float  # AdamW weight decay
+    grad_clip: float  # gradients are rescaled to at most this global norm before each step
     warmup_ratio: float  # share of steps with linear warmup, then linear decay
     batch_size: int  # examples per micro-batch
     grad_accum: int  # micro-batches per optimizer step
@@ -104,6 +109,8 @@ class TrainConfig(_Block):
     early_stopping_patience: int  # evals without a new best eval loss before stopping (0 = off)
     schema_augment: float  # share of training examples shown with renamed tables/columns
     schema_variants: int  # renamed versions of each database's schema
+    schema_p_table: float  # chance that a table is renamed in one version of a schema
+    schema_p_column: float  # chance that a column is renamed in one version of a schema
     feedback_repeat: int  # copies of each verified feedback example in the training pool
     num_processes: (
         int  # training processes; > 1 re-launches through `accelerate launch` (one per GPU)
@@ -155,6 +162,7 @@ class ServingConfig(_Block):
     gateway_port: int  # gateway HTTP port
     vllm_port: int  # vLLM OpenAI server port; SQLOPS_VLLM_URL (env) points at another server
     max_question_chars: int  # longer questions get a 400
+    max_ddl_chars: int  # the prompt's schema is fitted to this (data.max_ddl_chars, as trained)
     max_new_tokens: int  # generation budget per request
     request_timeout_s: float  # per vLLM call; past it the gateway answers 503
     sql_timeout_s: float  # execution time limit per query

@@ -258,7 +258,7 @@ def gateway(env, tmp_path, tiny_base_dir, monkeypatch):  # noqa: F811
         registry_factory=lambda: registry,
         server_factory=lambda: admin,
         catalog=lambda: [],
-        challenger=lambda: challenger["v"],
+        challenger_version=lambda: challenger["v"],
     )
     try:
         with LoopbackServer(app) as gw:

@@ -12,6 +12,7 @@ serve` (vLLM too) or `python -m pipelines.release.server` (the container command
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -19,23 +20,42 @@ from fastapi import FastAPI
 
 from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.release.controller import ReconcileLoop
-from pipelines.release.deploy import Registry
-from pipelines.release.registry import CHALLENGER, CHAMPION, list_versions
+from pipelines.release.deploy import MlflowRegistry, Registry
+from pipelines.release.registry import CHALLENGER, CHAMPION, current_version, list_versions
 from pipelines.release.webhook import webhook_router
 from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
-from pipelines.serving.routing import RouteWatcher
+from pipelines.serving.routing import Route, RouteWatcher, adapter_name
 from pipelines.serving.service import service_from_params
 from pipelines.serving.vllm_server import ModelServer
 
 
-def registry_challenger(p: Params) -> int | None:
-    from mlflow import MlflowClient
-    from pipelines.release.registry import current_version
-    from pipelines.tracking import configure_mlflow
+def challenger_route(p: Params) -> Callable[[], Route | None]:
+    """The registry's `challenger` as a route, for requests that ask for it (the playground's
+    side by side). Its adapter is copied out of MLflow once; the gateway loads it into vLLM on
+    first use, as it reloads any routed adapter vLLM lacks. None without a challenger, and with
+    merged serving (vLLM then holds the champion's merged weights only)."""
 
-    configure_mlflow(p.mlflow)
-    return current_version(MlflowClient(), p.registry.model_name, CHALLENGER)
+    @functools.cache  # made on first use: no MLflow work when the gateway starts
+    def registry() -> MlflowRegistry:
+        return MlflowRegistry(p)
+
+    def current() -> Route | None:
+        if p.serving.merged:
+            return None
+        name = p.registry.model_name
+        version = current_version(registry().client, name, CHALLENGER)
+        if version is None:
+            return None
+        path = registry().adapter_path(version)
+        return Route(adapter_name(name, version), version, adapter_path=str(path))
+
+    return current
+
+
+def registry_challenger(p: Params) -> int | None:
+    """The challenger's version (shadow traffic), read afresh on every reconcile."""
+    return current_version(MlflowRegistry(p).client, p.registry.model_name, CHALLENGER)
 
 
 def gateway(
@@ -43,10 +63,10 @@ def gateway(
     registry_factory: Callable[[], Registry] | None = None,
     server_factory: Callable[[], ModelServer] | None = None,
     catalog: Callable[[], list[dict]] | None = None,
-    challenger: Callable[[], int | None] | None = None,
+    challenger_version: Callable[[], int | None] | None = None,
 ) -> tuple[FastAPI, ReconcileLoop]:
     """The app and its reconcile loop (not started: `loop.start()`); the factories, the
-    catalog and the challenger default to MLflow and the configured vLLM (tests pass
+    catalog and the challenger's version default to MLflow and the configured vLLM (tests pass
     stand-ins)."""
     service = service_from_params(p)
     smoke = service_from_params(p, cache=False)
@@ -55,7 +75,7 @@ def gateway(
         smoke,
         registry_factory,
         server_factory,
-        challenger=challenger or (lambda: registry_challenger(p)),
+        challenger=challenger_version or (lambda: registry_challenger(p)),
         metrics=service.metrics.registry,
     )
     hook = webhook_router(
@@ -71,6 +91,7 @@ def gateway(
         RouteWatcher(p.path("routing")),
         catalog=catalog or (lambda: list_versions(p)),
         api_key=os.environ.get("SQLOPS_API_KEY") or None,
+        challenger=challenger_route(p),
         routers=[hook],
         health_extra=loop.health,
         shadow=lambda: loop.shadow,
@@ -79,6 +100,7 @@ def gateway(
 
 
 def app_from_params(p: Params) -> FastAPI:
+    """The app alone (its reconcile loop not running: `main` starts both)."""
     return gateway(p)[0]
 
 

@@ -7,6 +7,8 @@ POST /v1/feedback  {request_id, verdict? | correct_sql?} attached to the logged 
 GET  /v1/models    registry versions with lineage, and the adapter being served
 GET  /health       200 when vLLM answers and an adapter is routed, else 503 with the reason
 GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors
+GET  /             the playground page, with /v1/databases[/{db_id}] and /v1/execute
+                   (pipelines/serving/playground.py)
 
 Hooks for the layer above (pipelines/release/server.py): `routers` adds endpoints (the MLflow
 webhook), `health_extra` a block of /health (served vs registry champion), and `shadow` names
@@ -25,6 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, Response
@@ -35,6 +38,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.serving.inference_log import InferenceLog
+from pipelines.serving.playground import playground_router
 from pipelines.serving.routing import Route, RouteWatcher
 from pipelines.serving.service import Text2SQL
 from pipelines.sql import UnsafeSQL, guard
@@ -46,6 +50,9 @@ class SQLRequest(BaseModel):
     question: str
     db_id: str
     execute: bool = False
+    # "challenger": the registry's challenger answers instead of the served champion (the
+    # playground's side-by-side view); 404 when there is none
+    version: Literal["champion", "challenger"] = "champion"
 
 
 class FeedbackRequest(BaseModel):
@@ -76,8 +83,10 @@ def create_app(
     routers: Sequence[APIRouter] = (),
     health_extra: Callable[[], dict] | None = None,
     shadow: Callable[[], Route | None] | None = None,
+    challenger: Callable[[], Route | None] | None = None,
 ) -> FastAPI:
-    """The HTTP app around a `Text2SQL` service; `catalog` lists registry versions."""
+    """The HTTP app around a `Text2SQL` service; `catalog` lists registry versions,
+    `challenger` gives the route to the challenger version (None when there is none)."""
     app = FastAPI(title="sqlops gateway", version="1")
     auth = [Depends(_api_key_check(api_key))]
     m = service.metrics
@@ -97,7 +106,10 @@ def create_app(
                 log.exception("shadow request to %s failed", route.model)
 
     def shadow_task(req: SQLRequest, route: Route | None, status: str) -> BackgroundTask | None:
-        challenger = shadow() if shadow and route and status != "bad_request" else None
+        asked = req.version != "champion"  # the caller chose the challenger: nothing to shadow
+        challenger = (
+            shadow() if shadow and route and not asked and status != "bad_request" else None
+        )
         if challenger is None or random.random() >= service.cfg.shadow_share:
             return None
         return BackgroundTask(shadow_answers, req.question, req.db_id, (route, challenger))
@@ -106,6 +118,13 @@ def create_app(
     async def sql(req: SQLRequest) -> JSONResponse:
         start = time.perf_counter()
         route = routes.current()
+        if req.version == "challenger":
+            try:
+                route = await run_in_threadpool(challenger) if challenger else None
+            except Exception as e:  # the registry being away is the caller's 503, not a 500
+                raise HTTPException(503, f"registry: {e}") from e
+            if route is None:
+                raise HTTPException(404, "no challenger version to answer with")
         a = await service.answer(req.question, req.db_id, req.execute, route)
         elapsed = time.perf_counter() - start
         a.row["latency_ms"] = elapsed * 1000
@@ -165,4 +184,5 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(playground_router(service, auth))
     return app
