@@ -49,7 +49,7 @@ class Paths(_Block):
     experiments: Path  # `sqlops experiment` tables
     external_eval: Path  # `sqlops eval` reports, one folder per dataset
     demo_report: Path  # `sqlops flow demo` figures
-    ui_screenshots: Path  # browser checks' screenshots: the playground, the MLflow UI's alias editor
+    ui_screenshots: Path  # browser checks' screenshots (the playground, the MLflow alias editor)
 
 
 class BaseModelConfig(_Block):
