@@ -22,7 +22,7 @@ from pipelines.serving.service import service_from_params
 def app_from_params(p: Params) -> FastAPI:
     return create_app(
         service_from_params(p),
-        InferenceLog(p.serving.inference_log_url),
+        InferenceLog(p.serving.inference_log_url, p.serving.inference_log_timeout_s),
         RouteWatcher(p.path("routing")),
         catalog=lambda: list_versions(p),
         api_key=os.environ.get("SQLOPS_API_KEY") or None,
