@@ -3,11 +3,16 @@ the served model (vLLM behind `paths.routing`) and the model registry it lists o
 
 It sits in the release layer because it joins serving to the registry. Run it with `sqlops
 serve` (vLLM too) or `python -m pipelines.release.server` (the container command in infra/).
+Bound to anything but loopback it refuses to start without `SQLOPS_API_KEY`, unless told
+explicitly that an open gateway is meant: `--insecure` or `SQLOPS_ALLOW_INSECURE=1`.
 """
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import os
+import sys
 
 from fastapi import FastAPI
 
@@ -29,11 +34,42 @@ def app_from_params(p: Params) -> FastAPI:
     )
 
 
-def main() -> None:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_problem(host: str, api_key: str | None, insecure: bool) -> str | None:
+    """Why the gateway must not start on `host`, or None: off loopback it needs an API key,
+    unless the operator opted in to an open gateway."""
+    if is_loopback(host) or api_key or insecure:
+        return None
+    return (
+        f"refusing to serve on {host} without SQLOPS_API_KEY: anyone who reaches it could run "
+        "queries and write feedback. Set SQLOPS_API_KEY, bind 127.0.0.1 (serving.host), or "
+        "pass --insecure / SQLOPS_ALLOW_INSECURE=1 if an open gateway is really meant."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
+    parser = argparse.ArgumentParser(description="the sqlops gateway process")
+    parser.add_argument(
+        "--insecure", action="store_true", help="serve off loopback without SQLOPS_API_KEY"
+    )
+    args = parser.parse_args(argv)
     setup_entry_point()
     p = load_params()
+    insecure = args.insecure or os.environ.get("SQLOPS_ALLOW_INSECURE") == "1"
+    problem = exposure_problem(p.serving.host, os.environ.get("SQLOPS_API_KEY"), insecure)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     uvicorn.run(app_from_params(p), host=p.serving.host, port=p.serving.gateway_port)
 
 

@@ -30,6 +30,13 @@ def vllm_url(cfg: ServingConfig) -> str:
     return os.environ.get("SQLOPS_VLLM_URL") or f"http://{cfg.host}:{cfg.vllm_port}/v1"
 
 
+def vllm_headers() -> dict[str, str]:
+    """vLLM's own API key (`SQLOPS_VLLM_API_KEY`, vLLM's --api-key) on every call to it:
+    completions, adapter (re)loads, health."""
+    key = os.environ.get("SQLOPS_VLLM_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class VLLMCompletions:
     """The OpenAI completions API of a vLLM server (the prompt is already chat-formatted)."""
 
@@ -67,7 +74,7 @@ class VLLMCompletions:
         root = self.base_url.removesuffix("/v1")
         body = {"lora_name": model, "lora_path": adapter_path}
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as c:
+            async with httpx.AsyncClient(timeout=self.timeout_s, headers=vllm_headers()) as c:
                 r = await c.post(f"{root}/v1/load_lora_adapter", json=body)
         except httpx.HTTPError as e:
             raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
@@ -99,7 +106,7 @@ class VLLMCompletions:
     async def health(self) -> str | None:
         """None when the server answers, else the reason."""
         try:
-            async with httpx.AsyncClient(timeout=2.0) as c:
+            async with httpx.AsyncClient(timeout=2.0, headers=vllm_headers()) as c:
                 (await c.get(f"{self.base_url}/models")).raise_for_status()
         except httpx.HTTPError as e:
             return f"model server unreachable at {self.base_url}: {type(e).__name__}"

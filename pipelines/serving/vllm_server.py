@@ -27,7 +27,7 @@ from typing import Protocol
 import httpx
 
 from pipelines.config import ROOT, Params
-from pipelines.serving.backend import vllm_url
+from pipelines.serving.backend import vllm_headers, vllm_url
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class VLLMAdmin:
 
     def __init__(self, base_url: str, timeout_s: float = 120.0):
         self.root = base_url.rstrip("/").removesuffix("/v1")
-        self.http = httpx.Client(timeout=timeout_s)
+        self.http = httpx.Client(timeout=timeout_s, headers=vllm_headers())
 
     def healthy(self) -> bool:
         try:
