@@ -44,7 +44,7 @@ from sqlglot.dialects.dialect import Dialect
 from sqlglot.tokens import TokenType
 
 from pipelines.config import SQLConfig, load_params
-from pipelines.sql_worker import DENIED_FUNCTIONS
+from pipelines.sql_worker import DENIED_FUNCTIONS, MEMORY_LIMIT
 
 DIALECT = "sqlite"
 _WRITE_NODES = (
@@ -239,8 +239,10 @@ class _Pool:
                 worker = self.idle.pop() if self.idle else None
             worker = worker or _Worker(self.limits)
             answer = worker.ask(request, deadline, max_bytes)
-            if isinstance(answer, str):
-                worker.kill()  # stuck in a query or gone: never reused
+            # Stuck in a query, gone, or at its memory limit (glibc keeps what it grew to and
+            # the next query would start short): never reused.
+            if isinstance(answer, str) or answer[2] == MEMORY_LIMIT:
+                worker.kill()
             else:
                 with self.lock:
                     self.idle.append(worker)

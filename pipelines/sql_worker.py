@@ -23,6 +23,7 @@ import struct
 import sys
 import time
 
+MEMORY_LIMIT = "memory limit"  # the answer after which the parent retires this process
 DENIED_FUNCTIONS = {"fts3_tokenizer", "load_extension", "readfile", "writefile", "edit"}
 _DENIED_ACTIONS = {sqlite3.SQLITE_PRAGMA, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH}
 
@@ -70,13 +71,15 @@ def run_query(request: tuple, max_value_bytes: int, heap_bytes: int) -> tuple:
     except sqlite3.OperationalError as e:
         if "interrupted" in str(e):
             return [], [], "timeout", False
+        if "out of memory" in str(e):
+            return [], [], MEMORY_LIMIT, False
         if "not authorized" in str(e):
             return [], [], "rejected: not authorized (PRAGMA, ATTACH or a denied function)", False
         return [], [], f"error: {e}", False
     except (sqlite3.Error, OverflowError, ValueError) as e:  # DataError: string or blob too big
         return [], [], f"error: {e}", False
     except MemoryError:
-        return [], [], "memory limit", False
+        return [], [], MEMORY_LIMIT, False
     finally:
         conn.close()
 
@@ -107,7 +110,7 @@ def main() -> None:
             answer = run_query(request, max_value_bytes, heap_bytes)
             data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except MemoryError:
-            data = pickle.dumps(([], [], "memory limit", False))
+            data = pickle.dumps(([], [], MEMORY_LIMIT, False))
         os.write(wfd, struct.pack("!I", len(data)))
         view = memoryview(data)
         while view:
