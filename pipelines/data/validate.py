@@ -254,12 +254,15 @@ def failing_rules(df: pd.DataFrame, cfg: ValidateConfig) -> list[list[str]]:
         .add_batch_definition_whole_dataframe("all")
         .get_batch(batch_parameters={"dataframe": df})
     )
+    suite = gx.ExpectationSuite(name="sqlops_rows")
+    for rule in rules(cfg):
+        suite.add_expectation(rule.expectation)
+    run = batch.validate(suite, result_format={"result_format": "COMPLETE"})
     position = {label: i for i, label in enumerate(df.index)}
     failed: list[list[str]] = [[] for _ in range(len(df))]
-    for rule in rules(cfg):
-        res = batch.validate(rule.expectation, result_format={"result_format": "COMPLETE"})
+    for res in run.results:
         for label in res.result.get("unexpected_index_list") or []:
-            failed[position[label]].append(rule.name)
+            failed[position[label]].append(res.expectation_config.meta["rule"])
     return failed
 
 
