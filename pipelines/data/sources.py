@@ -219,11 +219,12 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
     files = [root / n for n in ("train_spider.json", "dev.json") if (root / n).is_file()]
     if not files:
         raise FileNotFoundError(f"no train_spider.json or dev.json in {root}")
-    out, missing = Imported(), {}
+    out, missing, unsafe = Imported(), {}, set()
     for f in files:
         for i, r in enumerate(json.loads(f.read_text(encoding="utf-8"))):
             if not valid_db_id(r["db_id"]):
-                continue  # `load` names it
+                unsafe.add(str(r["db_id"]))  # no path is built from it
+                continue
             db = root / "database" / r["db_id"] / f"{r['db_id']}.sqlite"
             if not _is_sqlite(db):
                 missing.setdefault(r["db_id"], []).append(f"{f.stem}[{i}]")
@@ -248,7 +249,17 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
             "skipped its %d question(s): %s",
             db_id, db_id, db_id, len(questions), ", ".join(questions[:10]),
         )  # fmt: skip
+    _warn_unsafe("spider", unsafe)
     return out
+
+
+def _warn_unsafe(source: str, db_ids: set[str]) -> None:
+    if db_ids:
+        log.warning(
+            "source %s: dropped the examples of db_id(s) that cannot name a file: %s",
+            source,
+            ", ".join(repr(d) for d in sorted(db_ids)[:10]),
+        )
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -283,13 +294,9 @@ IMPORTERS: dict[str, Callable[[SourceConfig, Path], Imported]] = {
 def load(src: SourceConfig, synthetic_dir: Path) -> Imported:
     """Records and databases of one source, with every canonical field but `split`."""
     imported = IMPORTERS[src.type](src, synthetic_dir)
-    unsafe = sorted({str(r["db_id"]) for r in imported.records if not valid_db_id(r["db_id"])})
+    unsafe = {str(r["db_id"]) for r in imported.records if not valid_db_id(r["db_id"])}
     if unsafe:
-        log.warning(
-            "source %s: dropped the examples of db_id(s) that cannot name a file: %s",
-            src.type,
-            ", ".join(repr(d) for d in unsafe[:10]),
-        )
+        _warn_unsafe(src.type, unsafe)
         imported.records = [r for r in imported.records if valid_db_id(r["db_id"])]
         imported.databases = {k: v for k, v in imported.databases.items() if valid_db_id(k)}
     for r in imported.records:
