@@ -19,18 +19,10 @@ through here, so a query is judged "read-only", "valid" or "correct" the same wa
 
 from __future__ import annotations
 
-import atexit
 import functools
 import math
-import os
-import pickle
 import re
-import select
 import sqlite3
-import struct
-import subprocess
-import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -44,7 +36,7 @@ from sqlglot.dialects.dialect import Dialect
 from sqlglot.tokens import TokenType
 
 from pipelines.config import SQLConfig, load_params
-from pipelines.sql_worker import DENIED_FUNCTIONS, MEMORY_LIMIT
+from pipelines.sql_worker import DENIED_FUNCTIONS, pool
 
 DIALECT = "sqlite"
 _WRITE_NODES = (
@@ -60,7 +52,6 @@ _WRITE_NODES = (
     exp.Pragma,
 )
 _READ_ROOTS = (exp.Select, exp.Union, exp.Intersect, exp.Except)
-_WORKER = Path(__file__).with_name("sql_worker.py")
 
 
 class UnsafeSQL(ValueError):
@@ -178,103 +169,6 @@ def connect_readonly(db_path: Path | str) -> sqlite3.Connection:
     return conn
 
 
-class _Worker:
-    """One `sql_worker.py` process and its pipes; killed when it overruns a deadline."""
-
-    def __init__(self, limits: SQLConfig):
-        # -I -S: the standard library only, nothing from the environment or site-packages.
-        args = [str(limits.max_memory_mb), str(limits.max_value_bytes)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_WORKER), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            bufsize=0,
-        )
-
-    def ask(self, request: tuple, deadline: float, max_bytes: int) -> tuple | str:
-        """The worker's answer, or why there is none ("timeout", "worker died")."""
-        data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            self.proc.stdin.write(struct.pack("!I", len(data)) + data)
-            head = self._read(4, deadline)
-            size = struct.unpack("!I", head)[0] if head else None
-            body = self._read(size, deadline) if size is not None and size <= max_bytes else None
-        except OSError:
-            body = None
-        if body is None:
-            return "worker died" if self.proc.poll() is not None else "timeout"
-        return pickle.loads(body)
-
-    def _read(self, n: int, deadline: float) -> bytes | None:
-        fd, buf = self.proc.stdout.fileno(), bytearray()
-        while len(buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-class _Pool:
-    """Up to `limits.workers` idle workers, reused; one query per worker at a time."""
-
-    def __init__(self, limits: SQLConfig):
-        self.limits = limits
-        self.idle: list[_Worker] = []
-        self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(limits.workers)
-
-    def run(self, request: tuple, deadline: float) -> tuple | str:
-        max_bytes = 2 * self.limits.max_result_bytes + (1 << 20)  # pickle overhead included
-        with self.slots:
-            with self.lock:
-                worker = self.idle.pop() if self.idle else None
-            worker = worker or _Worker(self.limits)
-            answer = worker.ask(request, deadline, max_bytes)
-            # Stuck in a query, gone, or at its memory limit (glibc keeps what it grew to and
-            # the next query would start short): never reused.
-            if isinstance(answer, str) or answer[2] == MEMORY_LIMIT:
-                worker.kill()
-            else:
-                with self.lock:
-                    self.idle.append(worker)
-            return answer
-
-    def close(self) -> None:
-        with self.lock:
-            for worker in self.idle:
-                worker.kill()
-            self.idle.clear()
-
-
-_POOLS: dict[tuple[int, SQLConfig], _Pool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(limits: SQLConfig) -> _Pool:
-    # Keyed by process id too: a forked child must not share its parent's pipes.
-    key = (os.getpid(), limits)
-    with _POOLS_LOCK:
-        if key not in _POOLS:
-            _POOLS[key] = _Pool(limits)
-        return _POOLS[key]
-
-
-@atexit.register
-def _close_pools() -> None:
-    for (pid, _), pool in list(_POOLS.items()):
-        if pid == os.getpid():
-            pool.close()
-
-
 def execute(
     db_path: Path | str,
     sql: str,
@@ -294,7 +188,7 @@ def execute(
     if not path.is_file():
         return ExecResult(error=f"database: database not found: {path}")
     request = (str(path.resolve()), statement, timeout_s, max_rows, limits.max_result_bytes)
-    answer = _pool(limits).run(request, start + timeout_s + limits.kill_margin_s)
+    answer = pool(limits).run(request, start + timeout_s + limits.kill_margin_s)
     seconds = time.monotonic() - start
     if isinstance(answer, str):
         return ExecResult(error=answer, seconds=seconds)

@@ -1,27 +1,39 @@
-"""The child process that runs untrusted SQL for `pipelines.sql.execute` (stdlib only).
+"""The processes that run untrusted SQL for `pipelines.sql.execute`, and the pool driving them.
 
-`pipelines.sql` starts a few of these (`python -I -S sql_worker.py <limits>`) and sends one
-query at a time over stdin; each answer goes back on stdout. A query runs here, not in the
-caller, so that nothing it does can exceed what this process is allowed: its address space is
-capped (RLIMIT_AS), SQLite's heap below that (`hard_heap_limit`), every string or blob it builds
-(SQLITE_LIMIT_LENGTH), the rows and bytes it returns, and temporary tables live in that capped
-memory instead of on disk. The parent kills the process when a query overruns its deadline (a
-SQL function such as `printf('%.*c', 1e9, 'x')` runs seconds without a VM step, which the
-progress handler cannot interrupt). The authorizer refuses what the read-only guard refuses,
-once more on SQLite's own parse of the statement: PRAGMAs (and `pragma_*` table-valued
-functions), ATTACH/DETACH and functions that reach outside the database.
+`pool(limits)` keeps a few children (`python -I -S sql_worker.py <limits>`: the standard library
+only, which is all this module imports) and sends each one query at a time over stdin; each
+answer goes back on stdout. A query runs in a child, not in the caller, so that nothing it does
+can exceed what the child is allowed: its address space is capped (RLIMIT_AS), SQLite's heap
+below that (`hard_heap_limit`), every string or blob it builds (SQLITE_LIMIT_LENGTH), the rows
+and bytes it returns; temporary tables live in that capped memory instead of on disk. The pool
+kills a child when a query overruns its deadline (a SQL function such as
+`printf('%.*c', 1e9, 'x')` runs seconds without a VM step, which the progress handler cannot
+interrupt). The authorizer refuses what the read-only guard refuses, once more on SQLite's own
+parse of the statement: PRAGMAs (and `pragma_*` table-valued functions), ATTACH/DETACH and
+functions that reach outside the database.
 
 Frames in both directions: 4-byte big-endian length + pickle. Request: (db path, SQL, time limit
 in s, max rows, max result bytes); answer: (rows, columns, error, truncated).
 """
 
+from __future__ import annotations
+
+import atexit
 import os
 import pickle
 import resource
+import select
 import sqlite3
 import struct
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.config import SQLConfig
 
 MEMORY_LIMIT = "memory limit"  # the answer after which the parent retires this process
 DENIED_FUNCTIONS = {"fts3_tokenizer", "load_extension", "readfile", "writefile", "edit"}
@@ -82,6 +94,106 @@ def run_query(request: tuple, max_value_bytes: int, heap_bytes: int) -> tuple:
         return [], [], MEMORY_LIMIT, False
     finally:
         conn.close()
+
+
+class _Worker:
+    """One `sql_worker.py` process and its pipes; killed when it overruns a deadline."""
+
+    def __init__(self, limits: SQLConfig):
+        # -I -S: the standard library only, nothing from the environment or site-packages.
+        args = [str(limits.max_memory_mb), str(limits.max_value_bytes)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(Path(__file__).resolve()), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+
+    def ask(self, request: tuple, deadline: float, max_bytes: int) -> tuple | str:
+        """The worker's answer, or why there is none ("timeout", "worker died")."""
+        data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            view = memoryview(struct.pack("!I", len(data)) + data)
+            while view:  # a raw pipe may take part of a large write
+                view = view[self.proc.stdin.write(view) :]
+            head = self._read(4, deadline)
+            size = struct.unpack("!I", head)[0] if head else None
+            body = self._read(size, deadline) if size is not None and size <= max_bytes else None
+        except OSError:
+            body = None
+        if body is None:
+            return "worker died" if self.proc.poll() is not None else "timeout"
+        return pickle.loads(body)
+
+    def _read(self, n: int, deadline: float) -> bytes | None:
+        fd, buf = self.proc.stdout.fileno(), bytearray()
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class _Pool:
+    """Up to `limits.workers` idle workers, reused; one query per worker at a time."""
+
+    def __init__(self, limits: SQLConfig):
+        self.limits = limits
+        self.idle: list[_Worker] = []
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(limits.workers)
+
+    def run(self, request: tuple, deadline: float) -> tuple | str:
+        max_bytes = 2 * self.limits.max_result_bytes + (1 << 20)  # pickle overhead included
+        with self.slots:
+            with self.lock:
+                worker = self.idle.pop() if self.idle else None
+            worker = worker or _Worker(self.limits)
+            answer = worker.ask(request, deadline, max_bytes)
+            # Stuck in a query, gone, or at its memory limit (glibc keeps what it grew to and
+            # the next query would start short): never reused.
+            if isinstance(answer, str) or answer[2] == MEMORY_LIMIT:
+                worker.kill()
+            else:
+                with self.lock:
+                    self.idle.append(worker)
+            return answer
+
+    def close(self) -> None:
+        with self.lock:
+            for worker in self.idle:
+                worker.kill()
+            self.idle.clear()
+
+
+_POOLS: dict[tuple[int, SQLConfig], _Pool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool(limits: SQLConfig) -> _Pool:
+    """The pool for these limits in this process."""
+    # Keyed by process id too: a forked child must not share its parent's pipes.
+    key = (os.getpid(), limits)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = _Pool(limits)
+        return _POOLS[key]
+
+
+@atexit.register
+def _close_pools() -> None:
+    for (pid, _), pool in list(_POOLS.items()):
+        if pid == os.getpid():
+            pool.close()
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
