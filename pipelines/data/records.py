@@ -22,7 +22,7 @@ DIFFICULTIES = ("easy", "medium", "hard", "extra")
 # it names a file `<db_id>.sqlite`, so nothing that could leave the databases folder.
 DB_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
 _DB_ID = re.compile(DB_ID_PATTERN)
-# jamo, compatibility jamo, syllables
+# Hangul jamo, compatibility jamo and syllables.
 _HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
 _PUNCT = re.compile(r"[^\w\s]")
 

@@ -31,11 +31,11 @@ from transformers import AutoTokenizer
 from pipelines.config import ROOT, EvaluateConfig
 from pipelines.model.generate import Generation, generate_sql
 from pipelines.model.merge import merged_model_dir
+from pipelines.model.prompt import STOP
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
 VLLM_SCRIPT = Path(__file__).with_name("vllm_offline.py")
-STOP = [";"]  # the end of the first statement; end of turn (eos) stops both backends too
 _vllm_failed: list[str] = []  # a failure in this process: `auto` does not try vLLM again
 
 

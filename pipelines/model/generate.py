@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.model.prompt import STOP
 from pipelines.sql import extract_sql
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def generate_sql(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            stop_strings=[";"],
+            stop_strings=STOP,
             tokenizer=tok,
             pad_token_id=tok.pad_token_id,
             **kwargs,
