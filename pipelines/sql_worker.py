@@ -119,7 +119,9 @@ class _Worker:
                 view = view[self.proc.stdin.write(view) :]
             head = self._read(4, deadline)
             size = struct.unpack("!I", head)[0] if head else None
-            body = self._read(size, deadline) if size is not None and size <= max_bytes else None
+            if size is not None and size > max_bytes:
+                return f"result larger than {max_bytes} bytes"
+            body = self._read(size, deadline) if size is not None else None
         except OSError:
             body = None
         if body is None:
@@ -191,9 +193,9 @@ def pool(limits: SQLConfig) -> _Pool:
 
 @atexit.register
 def _close_pools() -> None:
-    for (pid, _), pool in list(_POOLS.items()):
+    for (pid, _), each in list(_POOLS.items()):
         if pid == os.getpid():
-            pool.close()
+            each.close()
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
