@@ -35,10 +35,11 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_base_dir):
-    from transformers import AutoTokenizer
+def tok():
+    """The fixture-trained tokenizer: the prompt's text is all these tests need (fast)."""
+    from tests.conftest import _fixture_tokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_base_dir)
+    return _fixture_tokenizer()
 
 
 @pytest.fixture
@@ -201,3 +202,20 @@ def test_export_quarantines_what_validate_would_refuse(tmp_path, prepared_dir):
     assert [r["sql"] for r in records] == [good[1]]
     df = validate.check_records(records, out / "databases", 1.0)
     assert validate.failing_rules(df, RULES) == [[]]
+
+
+def test_a_log_from_before_feedback_by_gets_the_column(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the requests table as earlier versions created it
+        conn.execute(
+            "CREATE TABLE requests (request_id VARCHAR(32) PRIMARY KEY, ts FLOAT NOT NULL, "
+            "db_id VARCHAR(128) NOT NULL, question TEXT NOT NULL, lang VARCHAR(8), "
+            "model_version VARCHAR(128), sql TEXT, status VARCHAR(16) NOT NULL, "
+            "executed BOOLEAN NOT NULL, n_rows INTEGER, error TEXT, latency_ms FLOAT NOT NULL, "
+            "cache_hit BOOLEAN NOT NULL, feedback_verdict VARCHAR(16), feedback_sql TEXT, "
+            "feedback_ts FLOAT)"
+        )
+    ilog = InferenceLog(f"sqlite:///{path}")
+    rid = ilog.record(db_id="shop", question="How many?", status="ok", latency_ms=1.0)
+    assert ilog.add_feedback(rid, "correct", by=key_id(KEY))
+    assert ilog.get(rid)["feedback_by"] == key_id(KEY)
