@@ -18,7 +18,7 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 PIDS := .run
 
-.PHONY: setup run test bench ui ui-stop lint format lock clean serve-setup serve serve-stop bench-serving demo
+.PHONY: setup run test bench ui ui-stop lint format lock clean serve-setup serve serve-stop bench-serving demo infra-check
 
 setup: $(STAMP)
 
@@ -39,6 +39,15 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The production parts run for real on this machine (tests/test_infra_live.py: a throwaway
+# PostgreSQL cluster for the inference log, drift and the MLflow store; Prometheus scraping a
+# gateway, every Grafana query) and the playground in headless Chromium (tests/test_playground.py,
+# screenshots in reports/ui/). `make test` skips these without Debian's packages; this fails,
+# naming the apt-get command.
+infra-check: setup
+	$(BIN)/python -m tests.system_servers
+	$(BIN)/python -m pytest tests/test_infra_live.py tests/test_playground.py tests/test_infra.py
 
 # sqlops vs a baseline in the same run: reports/bench/train.json and generation.json (the
 # backend sqlops picks, vLLM from serve-setup, vs transformers batched; the trained adapter when

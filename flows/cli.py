@@ -128,6 +128,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for label, x, y in rows:
         print(f"  {label:<28}{pct(x):>8}{pct(y):>8}")
     print(f"  tuned execution accuracy 95% CI: [{pct(lo).strip()}, {pct(hi).strip()}]")
+    if "selection" in metrics:  # held out too; knobs are chosen on it, not on the figures above
+        s = metrics["selection"]
+        picked = s["tuned"]
+        print(
+            f"  model-selection domain ({', '.join(s['domains'])}, {s['n_examples']} examples): "
+            f"tuned execution accuracy {pct(picked['execution_accuracy']).strip()}, "
+            f"valid SQL {pct(picked['valid_sql_rate']).strip()}"
+        )
     print(
         f"\nTraining: {train_info['steps']} steps in {train_info['seconds'] / 60:.1f} min, "
         f"final loss {train_info['final_loss']:.3f}; MLflow run {train_info['run_id']}"

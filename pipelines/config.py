@@ -49,6 +49,7 @@ class Paths(_Block):
     experiments: Path  # `sqlops experiment` tables
     external_eval: Path  # `sqlops eval` reports, one folder per dataset
     demo_report: Path  # `sqlops flow demo` figures
+    ui_screenshots: Path  # the playground in a browser, a screenshot per step (its test)
 
 
 class SQLConfig(_Block):
@@ -83,8 +84,10 @@ class SourceConfig(_Block):
 class DataConfig(_Block):
     sources: list[SourceConfig]  # importers run by `prepare`
     split: Literal["held_out_domain", "random"]  # how eval examples are chosen
-    eval_domains: list[str]  # held-out domains (split: held_out_domain)
+    eval_domains: list[str]  # held-out domains (split: held_out_domain): the reported figures
+    selection_domains: list[str]  # held out as well, for choosing knobs (selection.jsonl)
     eval_fraction: float  # share of examples for eval (split: random)
+    max_ddl_chars: int  # longer DDLs keep the tables most related to each question
 
 
 class ValidateConfig(_Block):
@@ -167,6 +170,7 @@ class ServingConfig(_Block):
     gateway_port: int  # gateway HTTP port
     vllm_port: int  # vLLM OpenAI server port; SQLOPS_VLLM_URL (env) points at another server
     max_question_chars: int  # longer questions get a 400
+    max_ddl_chars: int  # the prompt's schema is fitted to this (data.max_ddl_chars, as trained)
     max_new_tokens: int  # generation budget per request
     request_timeout_s: float  # per vLLM call; past it the gateway answers 503
     sql_timeout_s: float  # execution time limit per query

@@ -266,19 +266,35 @@ def ddl_of(db_path: Path | str) -> str:
     return "\n".join(f"{compact_ddl(r[0])};" for r in rows)
 
 
+def _table_names(conn: sqlite3.Connection) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
+        )
+    ]
+
+
 def schema_of(db_path: Path | str) -> dict[str, list[str]]:
     """Table name → column names (lower-cased) of a database."""
     with closing(connect_readonly(db_path)) as conn:
-        tables = [
-            r[0]
-            for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
-            )
-        ]
         return {
             t.lower(): [c[1].lower() for c in conn.execute(f'PRAGMA table_info("{t}")')]
-            for t in tables
+            for t in _table_names(conn)
+        }
+
+
+def columns_of(db_path: Path | str) -> dict[str, list[dict]]:
+    """Table name → its columns `{name, type, pk}` as declared, in creation order (what the
+    playground shows a person choosing a database)."""
+    with closing(connect_readonly(db_path)) as conn:
+        return {
+            t: [
+                {"name": c[1], "type": c[2], "pk": bool(c[5])}
+                for c in conn.execute(f'PRAGMA table_info("{t}")')
+            ]
+            for t in _table_names(conn)
         }
 
 

@@ -3,11 +3,11 @@
 It speaks the parts of vLLM's API the product uses: `POST /v1/completions` (only for loaded
 adapters, 404 otherwise, as vLLM does), `GET /v1/models`, `POST /v1/load_lora_adapter`,
 `POST /v1/unload_lora_adapter`, `GET /health`. The completion is looked up by the prompt's
-question in `answers` (the tests' oracle); `stop()` / `start()` on the same port simulate vLLM
-going down and coming back. `lora=False` acts as a vLLM serving merged weights: one model under
-its `--served-model-name`, no LoRA endpoints; `python -m tests.fake_vllm --port P
---served-model-name NAME --model DIR --answers FILE` runs that as a process (merged-serving
-restarts are real process restarts).
+question in `model_answers[model]`, then in `answers` (the tests' oracle); `stop()` / `start()`
+on the same port simulate vLLM going down and coming back. `lora=False` acts as a vLLM serving
+merged weights: one model under its `--served-model-name`, no LoRA endpoints; `python -m
+tests.fake_vllm --port P --served-model-name NAME --model DIR --answers FILE` runs that as a
+process (merged-serving restarts are real process restarts).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class FakeVLLM:
         root: str | None = None,
     ):
         self.answers = answers or {}  # question -> completion text
+        self.model_answers: dict[str, dict[str, str]] = {}  # model -> its own answers first
         self.base = base  # the served model name
         self.root = root or base  # the model directory /v1/models reports
         self.lora = lora  # runtime LoRA endpoints on (adapter serving) or absent (merged)
@@ -100,7 +101,8 @@ class FakeVLLM:
             m = _QUESTION.search(body["prompt"])
             question = m.group(1).strip() if m else ""
             self.calls[model] += 1
-            text = self.answers.get(question, "SELECT 1")
+            text = self.model_answers.get(model, {}).get(question)
+            text = self.answers.get(question, "SELECT 1") if text is None else text
             return {
                 "id": "cmpl-fake",
                 "object": "text_completion",

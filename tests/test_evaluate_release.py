@@ -11,7 +11,7 @@ import pytest
 
 import mlflow
 from pipelines.config import EvaluateConfig, TrainConfig, load_params
-from pipelines.data.records import read_jsonl
+from pipelines.data.records import read_jsonl, write_jsonl
 from pipelines.eval import evaluate, external
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model import train
@@ -19,6 +19,7 @@ from pipelines.model.base import load_base
 from pipelines.model.generate import generate_sql
 from pipelines.model.prompt import build_prompt
 from pipelines.release import registry
+from pipelines.vllm_runtime import VLLMRuntime
 from tests.test_train import CFG as TRAIN_CFG
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,8 @@ def _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, name="adapter"):
             "eval_metrics": tmp_path / f"{name}-eval.json",
             "predictions": tmp_path / "predictions.jsonl",
             "judge_cache": tmp_path / "judge.sqlite",
+            "merged_models": tmp_path / "merged",
+            "run_dir": tmp_path / "run",
         }
     )
     # transformers: these tests compare predictions with `generate_sql` token for token.
@@ -89,9 +92,10 @@ def test_evaluate_writes_the_output_contract(
         p.path("adapter"),
         prepared_dir,
         p.path("judge_cache"),
-        tmp_path / "merged",
+        VLLMRuntime.of(p),
     )
     assert metrics["n_examples"] == 10 and len(rows) == 20
+    assert "selection" not in metrics  # the fixture has no selection split
     assert metrics["judge"]["status"] == "skipped" and metrics["judge"]["calls"] == 0
     for name in ("base", "tuned"):
         m = metrics[name]
@@ -124,6 +128,27 @@ def test_evaluate_writes_the_output_contract(
     assert len(table) == 20 and {"gold_sql", "pred_sql", "execution_match"} <= set(table.columns)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(info["run_id"], "eval")}
     assert {"eval/breakdown.csv", "eval/disagreements.md", "eval/eval.json"} <= artifacts
+
+
+def test_evaluate_scores_the_tuned_model_on_the_selection_split(
+    tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch
+):
+    """A prepared selection split (data.selection_domains) is scored for the tuned model only,
+    beside the reported figures, and its rows stay out of the report."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    held_out = read_jsonl(prepared_dir / "eval.jsonl")[:4]
+    write_jsonl(prepared_dir / "selection.jsonl", [r | {"split": "selection"} for r in held_out])
+    p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
+    _train(p)
+    metrics, rows = evaluate.run(
+        p.evaluate, 0, tiny_base_dir, p.path("adapter"), prepared_dir, p.path("judge_cache"),
+        VLLMRuntime.of(p),
+    )  # fmt: skip
+    picked = metrics["selection"]
+    assert picked["domains"] == ["game"] and picked["n_examples"] == 4
+    assert set(picked) == {"domains", "n_examples", "tuned"}
+    assert 0.0 <= picked["tuned"]["execution_accuracy"] <= 1.0
+    assert len(rows) == 2 * metrics["n_examples"]  # base + tuned on the eval split only
 
 
 def test_gold_queries_score_perfectly(tiny_base_dir, prepared_dir):
@@ -191,7 +216,8 @@ def test_lora_rank_experiment_table(tmp_path, tiny_base_dir, prepared_dir, mlflo
     p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
     p = p.model_copy(update={"train": TRAIN.model_copy(update={"dev_examples": 1})})
     variants = experiment.lora_rank_variants([2, 4])
-    md = experiment.run(p, "lora_rank", variants, steps=2, out_dir=tmp_path / "exp")
+    p = p.replace(paths={"experiments": tmp_path / "exp"})
+    md = experiment.run(p, "lora_rank", variants, steps=2)
     rows = json.loads((tmp_path / "exp" / "lora_rank.json").read_text())
     assert [r["lora_r"] for r in rows] == [2, 4] and all(r["steps"] == 2 for r in rows)
     assert all(0 <= r["execution_accuracy"] <= 1 and r["eval_loss"] > 0 for r in rows)
@@ -241,7 +267,7 @@ def test_sqlops_eval_scores_registered_and_base_models_on_a_spider_dir(
     assert json.loads((out / "eval.json").read_text())["n_examples"] == 10
     assert (out / "breakdown.csv").is_file() and (out / "databases" / "arcade.sqlite").is_file()
     # The registered version generates what its adapter on the base model generates.
-    records = external.load_dataset(f"spider:{spider}", 0, p.seed, tmp_path / "dbs")[:10]
+    records = external.load_dataset(f"spider:{spider}", 0, p.seed, tmp_path / "dbs", 6000)[:10]
     model, tok = load_base(tiny_base_dir, p.path("adapter"))
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
     expected = generate_sql(model, tok, prompts, 4, 8).sql

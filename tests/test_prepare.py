@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import DataConfig, SourceConfig
+from pipelines.config import DataConfig, SourceConfig, load_params
 from pipelines.data import prepare
 from pipelines.data.records import FIELDS, detect_lang, question_key, read_jsonl, write_jsonl
 from pipelines.data.sources import difficulty_of
@@ -40,11 +40,15 @@ def _synthetic(root: Path, extra: list[dict] | None = None) -> Path:
 
 
 def _cfg(*sources: SourceConfig, split: str = "held_out_domain", **kw) -> DataConfig:
-    return DataConfig(
-        sources=list(sources) or [SourceConfig(type="synthetic")],
-        split=split,
-        eval_domains=kw.get("eval_domains", ["game"]),
-        eval_fraction=kw.get("eval_fraction", 0.25),
+    """params.yaml's data block over the fixture's sources (shop trains, game is held out)."""
+    return load_params().data.model_copy(
+        update={
+            "sources": list(sources) or [SourceConfig(type="synthetic")],
+            "split": split,
+            "eval_domains": kw.get("eval_domains", ["game"]),
+            "selection_domains": kw.get("selection_domains", []),
+            "eval_fraction": kw.get("eval_fraction", 0.25),
+        }
     )
 
 
@@ -67,6 +71,21 @@ def test_synthetic_held_out_domain(tmp_path: Path) -> None:
     assert stats["train"]["difficulty"] == {"easy": 5, "extra": 1, "hard": 1, "medium": 3}
     assert stats["removed"] == {"duplicates_exact": 0, "duplicates_question": 0, "leakage": 0}
     assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_selection_domain_is_held_out_of_training_in_its_own_file(tmp_path: Path) -> None:
+    """`data.selection_domains` (choosing knobs) never trains and is not the reported eval set;
+    a training question that repeats a selection question is dropped as leakage."""
+    shop = {"db_id": "shop", "domain": "shop", "lang": "en", "difficulty": "easy"}
+    leak = {**shop, "id": "leak", "source": "synthetic", "question": GAME_QA[0][0].upper()}
+    leak["sql"] = "SELECT 3"
+    cfg = _cfg(split="random", eval_fraction=0.25, selection_domains=["game"])
+    stats = prepare.run(cfg, 42, _synthetic(tmp_path / "syn", [leak]), tmp_path / "o")
+    out = {s: read_jsonl(tmp_path / "o" / f"{s}.jsonl") for s in ("train", "eval", "selection")}
+    assert {r["domain"] for r in out["selection"]} == {"game"} and len(out["selection"]) == 10
+    assert all(r["domain"] == "shop" for r in out["train"] + out["eval"]) and out["eval"]
+    assert "leak" not in {r["id"] for r in out["train"]}
+    assert stats["n"]["selection"] == 10
 
 
 def test_duplicates_and_leakage_are_removed_and_counted(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The synthetic domains: twelve small business databases described as data.
+"""The synthetic domains: thirteen small business databases described as data.
 
 Each `Domain` lists its tables parents first, with typed columns, keys and the words Korean and
 English users would use for them (types and column roles: `pipelines.data.schema`). The game
@@ -503,10 +503,53 @@ REALESTATE = Domain(name="realestate", tables=(
     )),
 ))
 
+# Held out for model selection (`data.selection_domains`): singular table names and
+# abbreviated columns (`_nm`, `_dt`, `_amt`), a naming habit no trained domain has.
+EVENTS = Domain(name="events", tables=(
+    Table(name="venue", ko="공연장", en="venue", en_plural="venues",
+          counter="곳", rows=25, columns=(
+        pk("venue_id"),
+        name("venue_nm", "이름", "name", (
+            "combo", "블루 그랜드 시티 리버 스타", "홀 아레나 극장 스테이지 돔",
+            "Blue Grand City River Star", "Hall Arena Theater Stage Dome")),
+        city("city", "도시", "city"),
+        num("seat_cnt", "좌석 수", "seat count", ("int", 200, 20000, 50), sums=False),
+    )),
+    Table(name="attendee", ko="관객", en="attendee", en_plural="attendees",
+          counter="명", rows=150, person=True, columns=(
+        pk("attendee_id"),
+        name("attendee_nm", "이름", "name", PERSON),
+        text("email_addr", "이메일", "email", EMAIL),
+        cat("member_tier", "회원 등급", "membership tier", "Basic,Silver,Gold,VIP", "55,25,15,5"),
+        date("signup_dt", "가입일", "sign-up date", ("date", 2019, 2024)),
+    )),
+    Table(name="event", ko="공연", en="event", en_plural="events",
+          counter="개", rows=80, columns=(
+        pk("event_id"),
+        fk("venue_id", "venue"),
+        name("event_title", "제목", "title", (
+            "combo", "여름 겨울 봄 가을 한밤의", "재즈 록 클래식 힙합 뮤지컬",
+            "Summer Winter Spring Autumn Midnight", "Jazz Rock Classic HipHop Musical")),
+        cat("genre", "장르", "genre", "Concert,Musical,Theater,Festival", "40,25,20,15"),
+        num("base_price_amt", "기본 가격", "base price", ("int", 20000, 250000, 1000),
+            sums=False),
+        date("start_dt", "시작일", "start date", ("time", 2022, 2024), time=True),
+    )),
+    Table(name="ticket", ko="티켓", en="ticket", en_plural="tickets",
+          counter="장", rows=200, columns=(
+        pk("ticket_id"),
+        fk("event_id", "event"),
+        fk("attendee_id", "attendee"),
+        cat("seat_cls", "좌석 등급", "seat class", "R,S,A,B", "15,30,35,20"),
+        num("paid_amt", "결제 금액", "amount paid", ("int", 15000, 400000, 1000)),
+        date("purchase_dt", "구매일", "purchase date", ("time", 2022, 2024), time=True),
+    )),
+))
+
 DOMAINS: dict[str, Domain] = {
     d.name: d for d in (
         GAME, SHOP, SCHOOL, HOSPITAL, LIBRARY, HR, FINANCE, TRAVEL,
-        FORUM, STREAMING, LOGISTICS, REALESTATE,
+        FORUM, STREAMING, LOGISTICS, REALESTATE, EVENTS,
     )
 }
 # fmt: on

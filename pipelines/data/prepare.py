@@ -25,9 +25,11 @@ from pipelines.config import DataConfig, load_params, setup_entry_point
 from pipelines.data import sources
 from pipelines.data.atomic import aside, replace_dir
 from pipelines.data.records import FIELDS, question_key, write_jsonl
+from pipelines.data.schema_fit import fit_schema
 from pipelines.sql import ddl_of, normalize
 
 log = logging.getLogger(__name__)
+SPLITS = ("train", "eval", "selection")  # selection.jsonl is empty without selection_domains
 
 def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
     """Keep the first of each (db_id, normalised question). Returns the kept records, the
@@ -52,33 +54,37 @@ def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
 def assign_split(records: list[dict], cfg: DataConfig, seed: int) -> None:
     """Set `split` on every record, in place. Feedback from users always trains: it exists to
     teach the model the traffic it gets wrong (the leakage guard still drops eval copies)."""
-    if cfg.split == "held_out_domain":
-        held_out = set(cfg.eval_domains)
-        for r in records:
-            eval_domain = r["domain"] in held_out and r["source"] != "feedback"
-            r["split"] = "eval" if eval_domain else "train"
-        missing = held_out - {r["domain"] for r in records}
-        if missing:
-            log.warning("eval domains with no examples: %s", ", ".join(sorted(missing)))
-        return
+    selection = set(cfg.selection_domains)
+    held_out = set(cfg.eval_domains) if cfg.split == "held_out_domain" else set()
+    missing = (held_out | selection) - {r["domain"] for r in records}
+    if missing:
+        log.warning("held-out domains with no examples: %s", ", ".join(sorted(missing)))
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_eval = round(len(records) * cfg.eval_fraction)
+    n_eval = round(len(records) * cfg.eval_fraction) if cfg.split == "random" else 0
     eval_idx = set(order[:n_eval])
     for i, r in enumerate(records):
-        r["split"] = "eval" if i in eval_idx and r["source"] != "feedback" else "train"
+        if r["source"] == "feedback":
+            r["split"] = "train"
+        elif r["domain"] in selection:
+            r["split"] = "selection"
+        elif r["domain"] in held_out or i in eval_idx:
+            r["split"] = "eval"
+        else:
+            r["split"] = "train"
 
 
 def drop_leakage(records: list[dict]) -> tuple[list[dict], int]:
-    """Drop train records whose normalised question or SQL also occurs in eval: an evaluation
-    example the model has already seen in any phrasing measures memory, not generalisation."""
-    evals = [r for r in records if r["split"] == "eval"]
+    """Drop train records whose normalised question or SQL also occurs in a held-out split: an
+    evaluation example the model has already seen in any phrasing measures memory, not
+    generalisation."""
+    evals = [r for r in records if r["split"] != "train"]
     questions = {question_key(r["question"]) for r in evals}
     sqls = {normalize(r["sql"]) for r in evals}
     kept = [
         r
         for r in records
-        if r["split"] == "eval"
+        if r["split"] != "train"
         or (question_key(r["question"]) not in questions and normalize(r["sql"]) not in sqls)
     ]
     return kept, len(records) - len(kept)
@@ -117,8 +123,10 @@ def collect(cfg: DataConfig, synthetic_dir: Path) -> tuple[list[dict], dict[str,
 
 def stats_of(records: list[dict], removed: dict[str, int]) -> dict:
     stats: dict = {"n": {}, "removed": removed, "n_databases": len({r["db_id"] for r in records})}
-    for split in ("train", "eval"):
+    for split in SPLITS:
         part = [r for r in records if r["split"] == split]
+        if not part:  # no selection domains: the split is not there
+            continue
         stats["n"][split] = len(part)
         stats[split] = {
             key: dict(sorted(Counter(r[key] for r in part).items()))
@@ -152,16 +160,18 @@ def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> di
             if r["db_id"] not in ddl_cache:
                 ddl_cache[r["db_id"]] = ddl_of(databases[r["db_id"]])
             r["ddl"] = ddl_cache[r["db_id"]]
+    for r in records:  # a schema too long for a prompt keeps what the question needs
+        r["ddl"] = fit_schema(r["ddl"], r["question"], cfg.max_ddl_chars)
     assign_split(records, cfg, seed)
     records, leaked = drop_leakage(records)
-    if {r["split"] for r in records} != {"train", "eval"}:
+    if not {"train", "eval"} <= {r["split"] for r in records}:
         raise ValueError(
             f"split {cfg.split!r} left an empty train or eval set "
             f"(eval_domains={cfg.eval_domains}, eval_fraction={cfg.eval_fraction})"
         )
 
     install_databases(records, databases, out_dir / "databases")
-    for split in ("train", "eval"):
+    for split in SPLITS:
         write_jsonl(
             out_dir / f"{split}.jsonl",
             ({k: r[k] for k in FIELDS} for r in records if r["split"] == split),

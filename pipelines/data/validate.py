@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "selection")
 N_EXAMPLES = 5  # example rows per failing rule in summary.json and the error message
 # Computed checks (boolean columns, each with a `<name>_why` detail column) in the order they
 # depend on each other, and what each demands.
@@ -134,7 +134,7 @@ def _check_columns() -> list[str]:
 
 def _flag_duplicates_and_leakage(df: pd.DataFrame, sql_norm: list[str | None]) -> None:
     """Fill `not_duplicate` (all but the first of a db_id + normalised question) and
-    `no_leakage` (eval rows whose question or SQL also appears in train) in place."""
+    `no_leakage` (held-out rows whose question or SQL also appears in train) in place."""
     first: dict[tuple[str, str], str] = {}
     is_train = df["split"] == "train"
     train_q = {question_key(q) for q in df.loc[is_train, "question"] if q is not None}
@@ -148,7 +148,7 @@ def _flag_duplicates_and_leakage(df: pd.DataFrame, sql_norm: list[str | None]) -
         if key in first:
             df.at[i, "not_duplicate_why"] = f"same question as {first[key]}"
         first.setdefault(key, r["id"])
-        if r["split"] == "eval" and sql_norm[i] is not None:
+        if r["split"] != "train" and sql_norm[i] is not None:
             leaked = "question" if q in train_q else "SQL" if sql_norm[i] in train_sql else ""
             df.at[i, "no_leakage"] = not leaked
             if leaked:
@@ -185,7 +185,8 @@ def rules(cfg: ValidateConfig) -> list[Rule]:
         Rule("split_allowed", f"split is one of {list(SPLITS)}",
              in_set(column="split", value_set=list(SPLITS))),
         Rule("splits_not_empty", "both train and eval have examples",
-             gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(SPLITS))),
+             gxe.ExpectColumnDistinctValuesToContainSet(column="split",
+                                                        value_set=["train", "eval"])),
     ]
     out += [
         Rule(c, what.format(timeout=cfg.sql_timeout_s), in_set(column=c, value_set=[True]))
@@ -310,7 +311,8 @@ def run(cfg: ValidateConfig, prepared_dir: Path, report_dir: Path) -> Validation
     if report_dir.exists():
         shutil.rmtree(report_dir)  # a DVC output; GX also refuses to re-add a suite by name
     report_dir.mkdir(parents=True)
-    records = [r for s in SPLITS for r in read_jsonl(prepared_dir / f"{s}.jsonl")]
+    files = [prepared_dir / f"{s}.jsonl" for s in SPLITS]
+    records = [r for f in files if f.is_file() for r in read_jsonl(f)]
     start = time.monotonic()
     df = check_records(records, prepared_dir / "databases", cfg.sql_timeout_s)
     log.info("computed checks for %d rows in %.1f s", len(df), time.monotonic() - start)

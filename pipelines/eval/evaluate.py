@@ -161,19 +161,42 @@ def run(
     vllm: VLLMRuntime,
     predictions: Path | None = None,
 ) -> tuple[dict, list[dict]]:
-    """(metrics in the eval.json shape, prediction rows of both models); `predictions`: see
-    `evaluate_models`."""
-    records = sample_records(read_jsonl(prepared_dir / "eval.jsonl"), cfg.max_examples, seed)
+    """(metrics in the eval.json shape, prediction rows of both models). The tuned model is
+    also scored on the selection split (`data.selection_domains`) when there is one: the figure
+    knobs are chosen on, under `metrics["selection"]`, its rows not among the returned ones.
+    `predictions`: see `evaluate_models`."""
     db_dir = prepared_dir / "databases"
-    gold = gold_results(records, db_dir, cfg.sql_timeout_s)
-    broken = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
-    if broken:
-        raise ValueError(f"gold SQL fails to execute for {len(broken)} examples, e.g. {broken[:5]}")
     models = {
         "base": lambda: ModelSpec(base_dir),
         "tuned": lambda: ModelSpec(base_dir, adapter_dir),
     }
-    return evaluate_models(models, records, gold, db_dir, cfg, seed, judge_cache, vllm, predictions)
+    records, gold = split_with_gold(prepared_dir, "eval", cfg, seed)
+    metrics, rows = evaluate_models(
+        models, records, gold, db_dir, cfg, seed, judge_cache, vllm, predictions
+    )
+    selection, gold = split_with_gold(prepared_dir, "selection", cfg, seed)
+    if selection:
+        tuned = {"tuned": models["tuned"]}
+        picked, _ = evaluate_models(tuned, selection, gold, db_dir, cfg, seed, judge_cache, vllm)
+        domains = sorted({r["domain"] for r in selection})
+        metrics["selection"] = {"domains": domains, "n_examples": len(selection)} | {
+            "tuned": picked["tuned"]
+        }
+    return metrics, rows
+
+
+def split_with_gold(
+    prepared_dir: Path, split: str, cfg: EvaluateConfig, seed: int
+) -> tuple[list[dict], list[sqlmod.ExecResult]]:
+    """The seeded sample of a prepared split and its gold results ([] when the split is empty
+    or absent); raises when gold SQL does not execute."""
+    path = prepared_dir / f"{split}.jsonl"
+    records = sample_records(read_jsonl(path), cfg.max_examples, seed) if path.is_file() else []
+    gold = gold_results(records, prepared_dir / "databases", cfg.sql_timeout_s)
+    broken = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
+    if broken:
+        raise ValueError(f"gold SQL fails to execute for {len(broken)} examples, e.g. {broken[:5]}")
+    return records, gold
 
 
 PREDICTION_COLUMNS = [
@@ -208,6 +231,9 @@ def log_report(metrics: dict, rows: list[dict], paths: ReportPaths) -> None:
         flat |= {f"{name}_{k}": v for k in FLAT_METRICS if (v := metrics[name][k]) is not None}
         lo, hi = metrics[name]["execution_accuracy_ci95"]
         flat |= {f"{name}_execution_accuracy_ci95_lo": lo, f"{name}_execution_accuracy_ci95_hi": hi}
+    if "selection" in metrics:  # the model-selection domain's figures, beside the reported ones
+        picked = metrics["selection"]["tuned"]
+        flat |= {f"selection_tuned_{k}": v for k in FLAT_METRICS if (v := picked[k]) is not None}
     judge_block = metrics["judge"]
     for key in ("calls", "cost_usd", "prompt_tokens", "completion_tokens", "errors"):
         flat[f"judge_{key}"] = judge_block.get(key, 0)

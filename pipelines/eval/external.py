@@ -25,6 +25,7 @@ from pipelines.config import Params, SourceConfig
 from pipelines.data import sources
 from pipelines.data.prepare import install_databases
 from pipelines.data.records import sample_records
+from pipelines.data.schema_fit import fit_schema
 from pipelines.eval.evaluate import (
     ModelLoader,
     evaluate_models,
@@ -46,9 +47,12 @@ def default_out_dir(p: Params, dataset: str) -> Path:
     return p.path("external_eval") / f"{kind}-{Path(path).resolve().name}"
 
 
-def load_dataset(dataset: str, max_examples: int, seed: int, db_dir: Path) -> list[dict]:
+def load_dataset(
+    dataset: str, max_examples: int, seed: int, db_dir: Path, max_ddl_chars: int
+) -> list[dict]:
     """Canonical records of a `spider:<dir>` dataset (a seeded sample of `max_examples`, 0 =
-    all), with the DDL read from each database; the databases they use land in `db_dir`."""
+    all), with the DDL read from each database and fitted to the question as `prepare` fits
+    it; the databases they use land in `db_dir`."""
     kind, _, path = dataset.partition(":")
     if kind not in DATASET_KINDS or not path:
         raise ValueError(f"--dataset must look like spider:<dir>, got {dataset!r}")
@@ -60,7 +64,7 @@ def load_dataset(dataset: str, max_examples: int, seed: int, db_dir: Path) -> li
     for r in records:
         if r["db_id"] not in ddl:
             ddl[r["db_id"]] = ddl_of(db_dir / f"{r['db_id']}.sqlite")
-        r["ddl"] = r["ddl"] or ddl[r["db_id"]]
+        r["ddl"] = fit_schema(r["ddl"] or ddl[r["db_id"]], r["question"], max_ddl_chars)
     return records
 
 
@@ -116,7 +120,7 @@ def run(
         label, models[label], lineage[label] = model_loader(spec, p, out_dir / "models")
 
     db_dir = out_dir / "databases"
-    records = load_dataset(dataset, cfg.max_examples, p.seed, db_dir)
+    records = load_dataset(dataset, cfg.max_examples, p.seed, db_dir, p.data.max_ddl_chars)
     gold = gold_results(records, db_dir, cfg.sql_timeout_s)
     bad = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
     if bad:

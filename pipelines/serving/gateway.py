@@ -9,6 +9,8 @@ POST /v1/feedback  {request_id, verdict? | correct_sql?} attached to the logged 
 GET  /v1/models    registry versions with lineage, and the adapter being served
 GET  /health       200 when vLLM answers and an adapter is routed, else 503 with the reason
 GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors
+GET  /             the playground page, with /v1/databases[/{db_id}] and /v1/execute
+                   (pipelines/serving/playground.py)
 
 Every /v1/sql request and its outcome goes to the inference log. `SQLOPS_API_KEY` (env), when
 set, is required as `Authorization: Bearer <key>` or `X-API-Key` on /v1/*. The process that
@@ -24,6 +26,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import Literal
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Header, HTTPException
@@ -34,7 +37,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.serving.inference_log import InferenceLog, new_request_id
-from pipelines.serving.routing import RouteWatcher
+from pipelines.serving.playground import playground_router
+from pipelines.serving.routing import Route, RouteWatcher
 from pipelines.serving.service import Text2SQL, has_lone_surrogate
 from pipelines.sql import UnsafeSQL, guard
 
@@ -45,6 +49,9 @@ class SQLRequest(BaseModel):
     question: str
     db_id: str
     execute: bool = False
+    # "challenger": the registry's challenger answers instead of the served champion (the
+    # playground's side-by-side view); 404 when there is none
+    version: Literal["champion", "challenger"] = "champion"
 
 
 class FeedbackRequest(BaseModel):
@@ -99,8 +106,10 @@ def create_app(
     routes: RouteWatcher,
     catalog: Callable[[], list[dict]] | None = None,
     api_key: str | None = None,
+    challenger: Callable[[], Route | None] | None = None,
 ) -> FastAPI:
-    """The HTTP app around a `Text2SQL` service; `catalog` lists registry versions."""
+    """The HTTP app around a `Text2SQL` service; `catalog` lists registry versions,
+    `challenger` gives the route to the challenger version (None when there is none)."""
     app = FastAPI(title="sqlops gateway", version="1")
     checker = _api_key_check(api_key)
     auth = [Depends(checker)]
@@ -110,7 +119,15 @@ def create_app(
     @app.post("/v1/sql", dependencies=auth)
     async def sql(req: SQLRequest) -> JSONResponse:
         start = time.perf_counter()
-        a = await service.answer(req.question, req.db_id, req.execute, routes.current())
+        route = routes.current()
+        if req.version == "challenger":
+            try:
+                route = await run_in_threadpool(challenger) if challenger else None
+            except Exception as e:  # the registry being away is the caller's 503, not a 500
+                raise HTTPException(503, f"registry: {e}") from e
+            if route is None:
+                raise HTTPException(404, "no challenger version to answer with")
+        a = await service.answer(req.question, req.db_id, req.execute, route)
         elapsed = time.perf_counter() - start
         a.row["latency_ms"] = elapsed * 1000
         request_id = a.row.setdefault("request_id", new_request_id())
@@ -185,4 +202,5 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(playground_router(service, auth))
     return app

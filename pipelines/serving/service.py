@@ -22,10 +22,11 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.config import Params, ServingConfig
 from pipelines.data.records import valid_db_id
+from pipelines.data.schema_fit import fit_schema
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
 from pipelines.serving.routing import Route
-from pipelines.sql import UnsafeSQL, ddl_of, execute, extract_sql, guard, json_rows
+from pipelines.sql import ExecResult, UnsafeSQL, ddl_of, execute, extract_sql, guard, json_rows
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60)
 
@@ -100,6 +101,12 @@ class GatewayMetrics:
         )
 
 
+def result_body(res: ExecResult) -> dict[str, Any]:
+    """The rows of an executed query as the API returns them (/v1/sql and /v1/execute): inf/nan
+    and blobs, which JSON cannot carry, as "inf"/"nan" and hex text."""
+    return {"columns": res.columns, "rows": json_rows(res.rows), "truncated": res.truncated}
+
+
 @dataclass
 class Answer:
     """The outcome of one question: HTTP status + body, and the inference-log row."""
@@ -143,6 +150,12 @@ class Text2SQL:
         self._ddl[db_id] = (identity, ddl)
         return ddl
 
+    def execute(self, db_id: str, sql: str) -> ExecResult:
+        """Guarded, bounded, read-only execution on a known database: generated SQL and SQL a
+        person edited in the playground go through this one path."""
+        path = self.databases / f"{db_id}.sqlite"
+        return execute(path, sql, self.cfg.sql_timeout_s, self.cfg.max_rows)
+
     def _bad(self, row: dict, status: int, reason: str) -> Answer:
         row.update(status="bad_request", error=reason)
         return Answer(status, {"status": "bad_request", "error": reason}, row)
@@ -179,7 +192,8 @@ class Text2SQL:
         upstream_s = 0.0
         if sql is None:
             try:
-                prompt = build_prompt(ddl, question, self.tok)
+                schema = fit_schema(ddl, question, self.cfg.max_ddl_chars)
+                prompt = build_prompt(schema, question, self.tok)
                 start = time.perf_counter()
                 text = await self.backend.complete(route.model, prompt, route.adapter_path)
                 upstream_s = time.perf_counter() - start
@@ -209,19 +223,11 @@ class Text2SQL:
         body |= {"sql": sql, "status": "ok"}
         row["status"] = "ok"
         if run_sql:
-            res = await run_in_threadpool(
-                execute,
-                self.databases / f"{db_id}.sqlite",
-                sql,
-                self.cfg.sql_timeout_s,
-                self.cfg.max_rows,
-            )
+            res = await run_in_threadpool(self.execute, db_id, sql)
             row["executed"] = True
             if res.ok:
                 row["n_rows"] = len(res.rows)
-                # inf/nan and blobs have no JSON form: sent as "inf"/"nan" and hex text
-                rows = json_rows(res.rows)
-                body |= {"columns": res.columns, "rows": rows, "truncated": res.truncated}
+                body |= result_body(res)
             else:
                 row.update(status="exec_error", error=res.error)
                 body |= {"status": "exec_error", "error": res.error}
