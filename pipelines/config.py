@@ -37,6 +37,7 @@ class Paths(_Block):
     judge_cache: Path  # SQLite cache of judge verdicts (kept across runs, not a DVC output)
     monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
     feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
+    feedback_quarantine: Path  # feedback labels the export refused, each with the rules it broke
     merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
     served_adapters: Path  # local copies of registered adapters, one immutable folder per version
     routing: Path  # which version the gateway serves; written by `sqlops deploy`
@@ -50,6 +51,16 @@ class Paths(_Block):
     external_eval: Path  # `sqlops eval` reports, one folder per dataset
     demo_report: Path  # `sqlops flow demo` figures
     ui_screenshots: Path  # browser checks' screenshots (the playground, the MLflow alias editor)
+
+
+class SQLConfig(_Block):
+    max_sql_chars: int  # longer SQL is refused before parsing (parse time grows with it)
+    max_nesting: int  # deeper parenthesis nesting is refused (the parser recurses per level)
+    max_memory_mb: int  # address-space limit of each worker process that executes a query
+    max_value_bytes: int  # longest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+    max_result_bytes: int  # bytes of rows one query may return; more is an error, not a cut
+    workers: int  # worker processes executing queries (each runs one query at a time)
+    kill_margin_s: float  # a worker still busy at the query's time limit + this is killed
 
 
 class BaseModelConfig(_Block):
@@ -167,6 +178,9 @@ class ServingConfig(_Block):
     request_timeout_s: float  # per vLLM call; past it the gateway answers 503
     sql_timeout_s: float  # execution time limit per query
     max_rows: int  # rows returned per executed query (the rest is cut, `truncated: true`)
+    max_feedback_sql_chars: int  # longer `correct_sql` in /v1/feedback is refused (400)
+    feedback_per_minute: int  # feedback posts accepted per API key per minute (then 429)
+    inference_log_timeout_s: float  # wait on a locked SQLite inference log before a 503
     cache_size: int  # entries of the exact-match response cache (0 = off)
     keep_adapters: int  # adapters kept loaded in vLLM (the routed one included)
     smoke_questions: int  # canary questions (training databases in turn) after every switch
@@ -224,6 +238,7 @@ class MlflowConfig(_Block):
 class Params(_Block):
     paths: Paths
     seed: int  # one seed for synth, split, training and sampling
+    sql: SQLConfig
     base_model: BaseModelConfig
     synth: SynthConfig
     data: DataConfig

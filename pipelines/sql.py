@@ -1,17 +1,25 @@
-"""The one SQL module: parse and normalise, guard, execute safely, compare results.
+"""The one SQL module: parse and normalise, guard, verify, execute safely, compare results.
 
-Evaluation, data validation, the synthetic generator and the gateway all go through here, so a
-query is judged "read-only", "valid" or "correct" the same way everywhere.
+Evaluation, data validation, the feedback export, the synthetic generator and the gateway all go
+through here, so a query is judged "read-only", "valid" or "correct" the same way everywhere.
 
-- `guard(sql)` accepts exactly one SELECT/WITH statement and raises `UnsafeSQL` otherwise.
-- `execute(db, sql, ...)` opens SQLite read-only with `query_only`, stops the query at a time
-  limit (progress handler) and caps the rows returned.
+- `parse(sql)` refuses SQL longer than `sql.max_sql_chars` or nested deeper than
+  `sql.max_nesting` before the (recursive) parser sees it.
+- `guard(sql)` accepts exactly one SELECT/WITH statement, decided on the parsed statement, and
+  raises `UnsafeSQL` otherwise (also for `pragma_*` table-valued functions and functions that
+  reach outside the database, such as `fts3_tokenizer`).
+- `execute(db, sql, ...)` runs a guarded query in a worker process (pipelines/sql_worker.py):
+  SQLite read-only with `query_only`, a time limit (progress handler, and a kill at the limit +
+  `sql.kill_margin_s`), a row cap, and the memory, value-size and result-size caps of `sql:`.
+- `verify(sql, db, ...)`: the checks a labelled example's SQL must pass (parses, read-only, real
+  tables and columns, reads the database, executes), shared by `validate` and the feedback export.
 - `results_match(gold, pred, ordered)` compares results Spider-style: a multiset of rows, order
   only when the gold query has ORDER BY, floats within a tolerance.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sqlite3
@@ -24,6 +32,11 @@ from pathlib import Path
 
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect
+from sqlglot.tokens import TokenType
+
+from pipelines.config import SQLConfig, load_params
+from pipelines.sql_worker import DENIED_FUNCTIONS, pool
 
 DIALECT = "sqlite"
 _WRITE_NODES = (
@@ -36,6 +49,7 @@ _WRITE_NODES = (
     exp.Command,
     exp.Merge,
     exp.TruncateTable,
+    exp.Pragma,
 )
 _READ_ROOTS = (exp.Select, exp.Union, exp.Intersect, exp.Except)
 
@@ -57,13 +71,42 @@ class ExecResult:
         return self.error is None
 
 
-def parse(sql: str) -> exp.Expression:
+@functools.cache
+def default_limits() -> SQLConfig:
+    """The `sql:` block of params.yaml, for callers that pass no limits of their own."""
+    return load_params().sql
+
+
+def _nesting(tokens: list) -> int:
+    depth = deepest = 0
+    for token in tokens:
+        if token.token_type == TokenType.L_PAREN:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token.token_type == TokenType.R_PAREN:
+            depth -= 1
+    return deepest
+
+
+def parse(sql: str, limits: SQLConfig | None = None) -> exp.Expression:
     """Parse one statement; raises `sqlglot.errors.ParseError` (a ValueError) on bad SQL,
-    including text that does not even tokenize (an unterminated string literal)."""
+    including text that does not even tokenize (an unterminated string literal) or that the
+    parser cannot handle at all, and `UnsafeSQL` on SQL too long or too deeply nested."""
+    limits = limits or default_limits()
+    if len(sql) > limits.max_sql_chars:
+        raise UnsafeSQL(f"SQL is longer than {limits.max_sql_chars} characters")
     try:
-        parsed = sqlglot.parse(sql, read=DIALECT)
-    except sqlglot.errors.TokenError as e:
-        raise sqlglot.errors.ParseError(str(e)) from e
+        dialect = Dialect.get_or_raise(DIALECT)
+        tokens = dialect.tokenize(sql)
+        if _nesting(tokens) > limits.max_nesting:
+            raise UnsafeSQL(f"SQL is nested deeper than {limits.max_nesting} levels")
+        parsed = dialect.parser().parse(tokens, sql)
+    except (UnsafeSQL, sqlglot.errors.ParseError):
+        raise
+    except RecursionError as e:  # long operator chains recurse without parentheses
+        raise UnsafeSQL("SQL is nested too deeply to parse") from e
+    except Exception as e:  # TokenError, or a parser bug on odd input: not SQL we can judge
+        raise sqlglot.errors.ParseError(f"{type(e).__name__}: {e}") from e
     statements = [s for s in parsed if s is not None]
     if len(statements) != 1:
         raise UnsafeSQL(f"expected exactly one statement, got {len(statements)}")
@@ -71,20 +114,25 @@ def parse(sql: str) -> exp.Expression:
 
 
 def normalize(sql: str) -> str:
-    """Canonical text of a query for exact match: sqlglot round-trip, identifiers lower-cased."""
+    """Canonical text of a query for exact match: sqlglot round-trip, identifiers lower-cased.
+    Never raises: text sqlglot cannot parse or print (model output such as an echoed CREATE
+    TABLE makes its SQLite generator raise KeyError) is compared as lower-cased text."""
     try:
-        tree = parse(sql)
-    except (sqlglot.errors.ParseError, UnsafeSQL):
+        return parse(sql).sql(dialect=DIALECT, normalize=True, pretty=False)
+    except Exception:
         return " ".join(sql.strip().rstrip(";").lower().split())
-    return tree.sql(dialect=DIALECT, normalize=True, pretty=False)
 
 
-def guard(sql: str) -> str:
+def _function_name(node: exp.Func) -> str:
+    return node.name if isinstance(node, exp.Anonymous) else node.sql_name()
+
+
+def guard(sql: str, limits: SQLConfig | None = None) -> str:
     """Return the statement (no trailing `;`) if it is a single read-only query, else raise."""
     if not sql or not sql.strip():
         raise UnsafeSQL("empty SQL")
     try:
-        tree = parse(sql)
+        tree = parse(sql, limits)
     except sqlglot.errors.ParseError as e:
         raise UnsafeSQL(f"does not parse: {str(e).splitlines()[0]}") from e
     root = tree.this if isinstance(tree, exp.With) else tree
@@ -93,8 +141,12 @@ def guard(sql: str) -> str:
     for node in tree.walk():
         if isinstance(node, _WRITE_NODES):
             raise UnsafeSQL(f"{node.key.upper()} is not allowed in a read-only query")
-    if re.search(r"\b(pragma|attach|detach|vacuum)\b", sql, re.IGNORECASE):
-        raise UnsafeSQL("PRAGMA/ATTACH/DETACH/VACUUM are not allowed")
+        if isinstance(node, exp.Table) and node.name.lower().startswith("pragma_"):
+            raise UnsafeSQL(f"{node.name} (a PRAGMA) is not allowed")
+        if isinstance(node, exp.Func):
+            name = _function_name(node).lower()
+            if name.startswith("pragma_") or name in DENIED_FUNCTIONS:
+                raise UnsafeSQL(f"the function {name} is not allowed")
     return sql.strip().rstrip(";").strip()
 
 
@@ -117,38 +169,50 @@ def connect_readonly(db_path: Path | str) -> sqlite3.Connection:
     return conn
 
 
-def execute(db_path: Path | str, sql: str, timeout_s: float, max_rows: int = 10_000) -> ExecResult:
-    """Run a guarded query read-only with a time limit and a row cap; never raises on bad SQL."""
+def execute(
+    db_path: Path | str,
+    sql: str,
+    timeout_s: float,
+    max_rows: int = 10_000,
+    limits: SQLConfig | None = None,
+) -> ExecResult:
+    """Run a guarded query read-only in a worker process, within the time limit, the row cap and
+    the `sql:` limits (memory, value and result size); never raises on bad SQL."""
     start = time.monotonic()
+    limits = limits or default_limits()
     try:
-        statement = guard(sql)
+        statement = guard(sql, limits)
     except UnsafeSQL as e:
         return ExecResult(error=f"rejected: {e}")
-    deadline = start + timeout_s
-    try:
-        conn = connect_readonly(db_path)
-    except (FileNotFoundError, sqlite3.Error) as e:
-        return ExecResult(error=f"database: {e}")
-    # A non-zero return from the handler interrupts the query ("interrupted").
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-    try:
-        cur = conn.execute(statement)
-        rows = cur.fetchmany(max_rows + 1)
-        columns = [d[0] for d in cur.description or []]
-    except sqlite3.OperationalError as e:
-        msg = "timeout" if "interrupted" in str(e) else f"error: {e}"
-        return ExecResult(error=msg, seconds=time.monotonic() - start)
-    except sqlite3.Error as e:
-        return ExecResult(error=f"error: {e}", seconds=time.monotonic() - start)
-    finally:
-        conn.close()
-    truncated = len(rows) > max_rows
+    path = Path(db_path)
+    if not path.is_file():
+        return ExecResult(error=f"database: database not found: {path}")
+    request = (str(path.resolve()), statement, timeout_s, max_rows, limits.max_result_bytes)
+    answer = pool(limits).run(request, start + timeout_s + limits.kill_margin_s)
+    seconds = time.monotonic() - start
+    if isinstance(answer, str):
+        return ExecResult(error=answer, seconds=seconds)
+    rows, columns, error, truncated = answer
     return ExecResult(
-        rows=[tuple(r) for r in rows[:max_rows]],
+        rows=[tuple(r) for r in rows],
         columns=columns,
+        error=error,
         truncated=truncated,
-        seconds=time.monotonic() - start,
+        seconds=seconds,
     )
+
+
+def json_value(value: object) -> object:
+    """A result value JSON can carry: non-finite floats as "inf"/"-inf"/"nan", blobs as hex."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def json_rows(rows: Sequence[tuple]) -> list[list]:
+    return [[json_value(v) for v in row] for row in rows]
 
 
 def _sort_key(row: tuple) -> tuple:
@@ -276,6 +340,101 @@ def missing_refs(tree: exp.Expression, schema: dict[str, list[str]]) -> list[str
         elif name not in _ROWID and not any(name in schema[t] for t in tables_of[qualifier]):
             missing.append(f"column {col.table}.{col.name}")
     return list(dict.fromkeys(missing))
+
+
+# The checks `verify` runs, in the order they depend on each other, and what each demands.
+CHECKS = {
+    "sql_parses": "the SQL parses",
+    "sql_read_only": "the SQL is one read-only SELECT/WITH statement",
+    "sql_refs_exist": "every table and column the SQL names exists in the database",
+    "sql_reads_table": "the SQL reads a table of the database and returns more than constants",
+    "sql_executes": "the SQL executes within {timeout} s",
+}
+# A "statement" sqlglot reads as a bare expression (`SELEC x` parses as a column alias).
+_BARE = (exp.Alias, exp.Condition, exp.Identifier, exp.Star)
+
+
+@dataclass
+class Verification:
+    """The outcome of `verify`: each check that ran (True/False) and why the failed ones did."""
+
+    passed: dict[str, bool] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failure(self) -> str | None:
+        """The first failed check, or None."""
+        return next((c for c, ok in self.passed.items() if not ok), None)
+
+    @property
+    def ok(self) -> bool:
+        return len(self.passed) == len(CHECKS) and all(self.passed.values())
+
+
+def _returns_only_constants(query: exp.Expression) -> bool:
+    if isinstance(query, exp.SetOperation):
+        return _returns_only_constants(query.this) and _returns_only_constants(query.expression)
+    if not isinstance(query, exp.Select):
+        return False
+    reads = (exp.Column, exp.Star, exp.AggFunc)
+    return all(not any(isinstance(n, reads) for n in p.walk()) for p in query.expressions)
+
+
+def reads_database(tree: exp.Expression, schema: dict[str, list[str]]) -> bool:
+    """Whether a query reads at least one real table and returns more than constants
+    (`SELECT 42`, or `SELECT 42 FROM t`, answers no question about the data)."""
+    if not any(t.name.lower() in schema for t in tree.find_all(exp.Table)):
+        return False
+    root = tree.this if isinstance(tree, exp.With) else tree
+    return not _returns_only_constants(root)
+
+
+def verify(
+    sql: str,
+    db: Path | None,
+    schema: dict[str, list[str]] | None,
+    timeout_s: float,
+    limits: SQLConfig | None = None,
+) -> Verification:
+    """The checks of CHECKS on one labelled query, each run only when the ones it depends on
+    hold; without a database (`db`/`schema` None) only the first two run. A query naming a
+    missing column is still executed (SQLite reads some as string literals: say both)."""
+    v = Verification()
+
+    def fail(check: str, why: str) -> Verification:
+        v.passed[check], v.why[check] = False, why
+        return v
+
+    try:
+        tree = parse(sql, limits)
+    except UnsafeSQL as e:
+        if "exactly one" not in str(e) or "got 0" in str(e):
+            return fail("sql_parses", "not a SQL statement" if "got 0" in str(e) else str(e))
+        tree = None  # parses, but as several statements: the guard names it
+    except sqlglot.errors.ParseError as e:
+        return fail("sql_parses", str(e).splitlines()[0] if str(e) else "does not parse")
+    if isinstance(tree, _BARE):
+        return fail("sql_parses", "not a SQL statement")
+    v.passed["sql_parses"] = True
+    try:
+        guard(sql, limits)
+    except UnsafeSQL as e:
+        return fail("sql_read_only", str(e))
+    v.passed["sql_read_only"] = True
+    if db is None or schema is None or tree is None:
+        return v
+    missing = missing_refs(tree, schema)
+    v.passed["sql_refs_exist"] = not missing
+    if missing:
+        v.why["sql_refs_exist"] = "not in the database: " + ", ".join(missing)
+    v.passed["sql_reads_table"] = reads_database(tree, schema)
+    if not v.passed["sql_reads_table"]:
+        v.why["sql_reads_table"] = "reads no table of the database or returns only constants"
+    result = execute(db, sql, timeout_s, limits=limits)
+    v.passed["sql_executes"] = result.ok
+    if not result.ok:
+        v.why["sql_executes"] = result.error or ""
+    return v
 
 
 _SQL_START = re.compile(r"\b(SELECT|WITH)\b", re.IGNORECASE)

@@ -45,6 +45,7 @@ class FakeVLLM:
         self.calls: Counter[str] = Counter()  # completions served, by model
         self.delay_s = 0.0  # added to every completion (load tests)
         self.fail_for: set[str] = set()  # models whose completions return 500
+        self.api_key: str | None = None  # as vLLM's --api-key: required on /v1/* when set
         self.port = 0
         self._server: LoopbackServer | None = None
         self.app = self._build_app()
@@ -59,6 +60,17 @@ class FakeVLLM:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI()
+
+        @app.middleware("http")
+        async def api_key(request: Request, call_next):
+            given = request.headers.get("authorization", "")
+            if (
+                self.api_key
+                and request.url.path.startswith("/v1")
+                and given != (f"Bearer {self.api_key}")
+            ):
+                return _error(401, "Unauthorized")
+            return await call_next(request)
 
         @app.get("/health")
         async def health() -> PlainTextResponse:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A package may import its own layer and any lower one.
 LAYERS = [
-    {"config", "sql", "lineage", "tracking", "vllm_runtime"},  # facts and tools
+    {"config", "sql", "sql_worker", "lineage", "tracking", "vllm_runtime"},  # facts and tools
     {"data"},  # records, sources, synth, prepare, validate
     {"model"},  # prompt, base, train, generation backends
     {"eval"},  # scoring, judge, evaluation stage

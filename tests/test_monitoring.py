@@ -4,6 +4,7 @@ trained domains, `game` unseen), split into reference questions and new traffic.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -247,12 +248,22 @@ def test_feedback_corrections_are_verified_into_a_data_source(synthetic, cfg, tm
     log.add_feedback(ids["no such database"], "wrong", "SELECT 1")
 
     out = tmp_path / "feedback"
-    res = export(log.window(), synthetic["databases"], out, cfg.feedback_sql_timeout_s)
+    quarantine = tmp_path / "quarantine.json"
+    rules = load_params().validate_
+    res = export(log.window(), synthetic["databases"], out, rules, None, quarantine)
     assert res.n_labelled == 5 and res.n_verified == 2
+    # the validation contract's own rule names; a database that is missing also has no DDL
     assert res.rejected == {
-        "not a single read-only query": 1,
-        "names missing tables or columns": 1,
-        "unknown database": 1,
+        "sql_read_only": 1,
+        "sql_refs_exist": 1,
+        "db_exists": 1,
+        "ddl_present": 1,
+    }
+    report = json.loads(quarantine.read_text())
+    assert {q["question"] for q in report["quarantined"]} == {
+        "drop it",
+        "made-up column",
+        "no such database",
     }
     records = read_jsonl(out / "feedback.jsonl")
     assert [r["sql"] for r in records] == [good["sql"], confirmed["sql"]]

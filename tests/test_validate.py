@@ -47,10 +47,12 @@ CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     "difficulty_allowed": _set(difficulty="trivial"),
     "split_allowed": _set(split="test"),
     "db_exists": _set(db_id="nowhere"),
+    "db_id_safe": _set(db_id="../../cache/judge"),
     "sql_parses": _set(sql="SELECT name FROM WHERE ("),
     "sql_read_only": _set(sql="DELETE FROM customers"),
     # SQLite reads an unknown double-quoted column as a string and runs it: refs catch it.
     "sql_refs_exist": _set(sql='SELECT "nickname" FROM customers'),
+    "sql_reads_table": _set(sql="SELECT 42 FROM customers"),
     "sql_executes": _set(sql="SELECT no_such_function(name) FROM customers"),
     "not_duplicate": lambda prepared: _copy_question(prepared, "train"),
     "no_leakage": lambda prepared: _copy_question(prepared, "eval"),

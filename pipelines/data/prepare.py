@@ -3,8 +3,10 @@
 Steps: import each source in `data.sources` (see `sources.py`), fill missing DDL from the SQLite
 schema, drop exact and normalised-question duplicates, split (held-out domains or a seeded random
 share), then drop from train anything whose question or SQL also appears in eval (leakage).
-Writes `train.jsonl`, `eval.jsonl`, `databases/<db_id>.sqlite` and `stats.json` into the prepared
-folder, replacing whatever an earlier run left there.
+Writes `train.jsonl`, `eval.jsonl`, `databases/<db_id>.sqlite` and `stats.json` into a folder
+beside the prepared one, then swaps it in (one atomic exchange on Linux): a gateway reading the
+databases meanwhile sees the old set or the new one, never an empty or half-copied folder, and
+nothing from an earlier run survives.
 
 Run: `python -m pipelines.data.prepare` (dvc stage `prepare`).
 """
@@ -21,12 +23,14 @@ from pathlib import Path
 
 from pipelines.config import DataConfig, load_params, setup_entry_point
 from pipelines.data import sources
+from pipelines.data.atomic import aside, replace_dir
 from pipelines.data.records import FIELDS, question_key, write_jsonl
 from pipelines.data.schema_fit import fit_schema
 from pipelines.sql import ddl_of, normalize
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "eval", "selection")  # selection.jsonl is empty without selection_domains
+
 
 def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
     """Keep the first of each (db_id, normalised question). Returns the kept records, the
@@ -134,10 +138,19 @@ def stats_of(records: list[dict], removed: dict[str, int]) -> dict:
 
 def run(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
     """Build the prepared dataset in `out_dir`; returns the statistics written to stats.json."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # a DVC output: nothing from an earlier run may survive
-    out_dir.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = aside(out_dir)
+    work.mkdir()
+    try:
+        stats = _build(cfg, seed, synthetic_dir, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    replace_dir(work, out_dir)
+    return stats
 
+
+def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
     records, databases = collect(cfg, synthetic_dir)
     n_imported = len(records)
     records, exact, same_question = dedupe(records)

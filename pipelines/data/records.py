@@ -14,13 +14,31 @@ from pathlib import Path
 
 # id, db_id, domain, lang, question, sql, ddl, difficulty, source, split (DESIGN.md)
 FIELDS = (
-    "id", "db_id", "domain", "lang", "question", "sql", "ddl", "difficulty", "source", "split",
+    "id",
+    "db_id",
+    "domain",
+    "lang",
+    "question",
+    "sql",
+    "ddl",
+    "difficulty",
+    "source",
+    "split",
 )
 DIFFICULTIES = ("easy", "medium", "hard", "extra")
 
+# The one rule for a db_id, everywhere one arrives (gateway, sources, feedback export, validate):
+# it names a file `<db_id>.sqlite`, so nothing that could leave the databases folder.
+DB_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
+_DB_ID = re.compile(DB_ID_PATTERN)
 # Hangul jamo, compatibility jamo and syllables.
 _HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
 _PUNCT = re.compile(r"[^\w\s]")
+
+
+def valid_db_id(db_id: object) -> bool:
+    """Whether `db_id` may name a database file (letters, digits, `_`, `-`; 1–128 of them)."""
+    return isinstance(db_id, str) and _DB_ID.fullmatch(db_id) is not None
 
 
 def detect_lang(text: str) -> str:

@@ -12,7 +12,11 @@ A source is one entry of `data.sources` in params.yaml:
   corrections from the inference log + `databases/`), read like `jsonl`; absent or empty until
   feedback arrives, which gives no records (so the source can be listed before then).
 - `spider`: a Spider folder (`dev.json` and/or `train_spider.json`, `database/<db>/<db>.sqlite`).
-  `tables.json` is not needed: the DDL is read from each SQLite file.
+  `tables.json` is not needed: the DDL is read from each SQLite file. A database that is missing
+  (or is no SQLite file) is named in the log and its questions are skipped.
+
+A record whose db_id breaks the one db_id rule (`records.valid_db_id`: it names a file) is
+dropped by name whatever the source, before any path is built from it.
 
 Importers fill what they can; `prepare` fills the DDL from the database where a source has
 none, copies the databases, de-duplicates and splits.
@@ -32,11 +36,10 @@ import sqlglot
 from sqlglot import exp
 
 from pipelines.config import SourceConfig, resolve
-from pipelines.data.records import detect_lang, read_jsonl
+from pipelines.data.records import detect_lang, read_jsonl, valid_db_id
 from pipelines.sql import parse
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -215,12 +218,15 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
     files = [root / n for n in ("train_spider.json", "dev.json") if (root / n).is_file()]
     if not files:
         raise FileNotFoundError(f"no train_spider.json or dev.json in {root}")
-    out, skipped = Imported(), 0
+    out, missing, unsafe = Imported(), {}, set()
     for f in files:
         for i, r in enumerate(json.loads(f.read_text(encoding="utf-8"))):
+            if not valid_db_id(r["db_id"]):
+                unsafe.add(str(r["db_id"]))  # no path is built from it
+                continue
             db = root / "database" / r["db_id"] / f"{r['db_id']}.sqlite"
-            if not db.is_file():
-                skipped += 1
+            if not _is_sqlite(db):
+                missing.setdefault(r["db_id"], []).append(f"{f.stem}[{i}]")
                 continue
             out.databases[r["db_id"]] = db
             out.records.append(
@@ -236,9 +242,32 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
                     "source": "spider",
                 }
             )
-    if skipped:
-        log.warning("spider: skipped %d examples whose database file is missing", skipped)
+    for db_id, questions in sorted(missing.items()):
+        log.warning(
+            "spider: database %s is missing (no SQLite file at database/%s/%s.sqlite); "
+            "skipped its %d question(s): %s",
+            db_id, db_id, db_id, len(questions), ", ".join(questions[:10]),
+        )  # fmt: skip
+    _warn_unsafe("spider", unsafe)
     return out
+
+
+def _warn_unsafe(source: str, db_ids: set[str]) -> None:
+    if db_ids:
+        log.warning(
+            "source %s: dropped the examples of db_id(s) that cannot name a file: %s",
+            source,
+            ", ".join(repr(d) for d in sorted(db_ids)[:10]),
+        )
+
+
+def _is_sqlite(path: Path) -> bool:
+    """A real SQLite file: an empty or foreign file would become a database with no tables."""
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def load_feedback(src: SourceConfig, synthetic_dir: Path) -> Imported:
@@ -264,6 +293,11 @@ IMPORTERS: dict[str, Callable[[SourceConfig, Path], Imported]] = {
 def load(src: SourceConfig, synthetic_dir: Path) -> Imported:
     """Records and databases of one source, with every canonical field but `split`."""
     imported = IMPORTERS[src.type](src, synthetic_dir)
+    unsafe = {str(r["db_id"]) for r in imported.records if not valid_db_id(r["db_id"])}
+    if unsafe:
+        _warn_unsafe(src.type, unsafe)
+        imported.records = [r for r in imported.records if valid_db_id(r["db_id"])]
+        imported.databases = {k: v for k, v in imported.databases.items() if valid_db_id(k)}
     for r in imported.records:
         for k in ("question", "sql", "ddl"):
             r[k] = "" if _blank(r[k]) else str(r[k]).strip()

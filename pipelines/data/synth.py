@@ -49,8 +49,18 @@ LOCALES = {"ko": "ko_KR", "en": "en_US"}
 DATA_END = date(2024, 12, 31)  # "today" of the synthetic world: no logins from the future
 CITIES = {
     "ko": ("서울", "부산", "인천", "대구", "대전", "광주", "수원", "울산", "제주", "창원"),
-    "en": ("New York", "Los Angeles", "Chicago", "Houston", "Seattle", "Boston", "Denver",
-           "Atlanta", "San Francisco", "Miami"),
+    "en": (
+        "New York",
+        "Los Angeles",
+        "Chicago",
+        "Houston",
+        "Seattle",
+        "Boston",
+        "Denver",
+        "Atlanta",
+        "San Francisco",
+        "Miami",
+    ),
 }
 
 

@@ -28,12 +28,18 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import pandas as pd
-import sqlglot
-from sqlglot import exp
 
+from pipelines import sql as sqlmod
 from pipelines.config import ValidateConfig, load_params, setup_entry_point
-from pipelines.data.records import DIFFICULTIES, FIELDS, question_key, read_jsonl
-from pipelines.sql import DIALECT, UnsafeSQL, execute, guard, missing_refs, normalize, schema_of
+from pipelines.data.records import (
+    DB_ID_PATTERN,
+    DIFFICULTIES,
+    FIELDS,
+    question_key,
+    read_jsonl,
+    valid_db_id,
+)
+from pipelines.sql import normalize, schema_of
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -44,20 +50,15 @@ SPLITS = ("train", "eval", "selection")
 N_EXAMPLES = 5  # example rows per failing rule in summary.json and the error message
 # Computed checks (boolean columns, each with a `<name>_why` detail column) in the order they
 # depend on each other, and what each demands.
+# The SQL checks are `pipelines.sql.verify`'s, the ones the feedback export applies too.
 CHECKS = {
     "db_exists": "the record's database exists",
-    "sql_parses": "the gold SQL parses",
-    "sql_read_only": "the gold SQL is one read-only SELECT/WITH statement",
-    "sql_refs_exist": "every table and column the SQL names exists in the database",
-    "sql_executes": "the gold SQL executes within {timeout} s",
+    **sqlmod.CHECKS,
     "not_duplicate": "no other record of the same database asks the same question",
     "no_leakage": "no eval question or SQL also occurs in train",
 }
 # What a whole-table rule (no failing rows to show) reports instead.
 _OBSERVED = ("observed_value", "partial_missing_list")
-# SQLite's implicit row id columns exist in every ordinary table.
-# A "statement" sqlglot reads as a bare expression (`SELEC x` parses as a column alias).
-_BARE = (exp.Alias, exp.Condition, exp.Identifier, exp.Star)
 
 
 class DataValidationError(RuntimeError):
@@ -95,35 +96,8 @@ def _check_sql(
     sql: str, db: Path | None, schema: dict | None, timeout_s: float
 ) -> dict[str, object]:
     """The SQL checks of one record: {check: True/False/None (not checked), check_why: str}."""
-    out: dict[str, object] = {}
-
-    def fail(check: str, why: str) -> dict[str, object]:
-        out[check], out[f"{check}_why"] = False, why
-        return out
-
-    try:
-        statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
-    except sqlglot.errors.SqlglotError as e:  # ParseError, or TokenError (unclosed quote)
-        return fail("sql_parses", str(e).splitlines()[0])
-    if not statements or any(isinstance(s, _BARE) for s in statements):
-        return fail("sql_parses", "not a SQL statement")
-    out["sql_parses"] = True
-    try:
-        guard(sql)
-    except UnsafeSQL as e:
-        return fail("sql_read_only", str(e))
-    out["sql_read_only"] = True
-    if db is None or schema is None:
-        return out  # no database to check against: db_id_present or db_exists fails instead
-    missing = missing_refs(statements[0], schema)
-    out["sql_refs_exist"] = not missing
-    if missing:
-        out["sql_refs_exist_why"] = "not in the database: " + ", ".join(missing)
-    result = execute(db, sql, timeout_s)
-    out["sql_executes"] = result.ok
-    if not result.ok:
-        out["sql_executes_why"] = result.error
-    return out
+    v = sqlmod.verify(sql, db, schema, timeout_s)
+    return v.passed | {f"{check}_why": why for check, why in v.why.items()}
 
 
 def check_records(records: list[dict], db_dir: Path, timeout_s: float) -> pd.DataFrame:
@@ -133,13 +107,14 @@ def check_records(records: list[dict], db_dir: Path, timeout_s: float) -> pd.Dat
     # A blank required field is as missing as an absent one.
     df = df.apply(lambda c: c.map(lambda v: None if isinstance(v, str) and not v.strip() else v))
     df = df.astype(object).where(df.notna(), None)
-    dbs = {d: db_dir / f"{d}.sqlite" for d in df["db_id"].dropna().unique()}
+    # A db_id that could name a file outside `db_dir` is never joined to it (rule db_id_safe).
+    dbs = {d: db_dir / f"{d}.sqlite" for d in df["db_id"].dropna().unique() if valid_db_id(d)}
     schemas = {d: schema_of(db) if db.is_file() else None for d, db in dbs.items()}
     rows: list[dict[str, object]] = []
     sql_norm: list[str | None] = []  # for the leakage check
     for d, sql in zip(df["db_id"], df["sql"], strict=True):
         row: dict[str, object] = {}
-        if d is not None:
+        if d is not None and d in dbs:
             row["db_exists"] = schemas[d] is not None
             if not row["db_exists"]:
                 row["db_exists_why"] = f"no {dbs[d].name} in {db_dir}"
@@ -194,22 +169,44 @@ def rules(cfg: ValidateConfig) -> list[Rule]:
     lo, hi = cfg.min_question_chars, cfg.max_question_chars
     in_set, lengths = gxe.ExpectColumnValuesToBeInSet, gxe.ExpectColumnValueLengthsToBeBetween
     out = [
-        Rule(f"{f}_present", f"`{f}` is present and not blank",
-             gxe.ExpectColumnValuesToNotBeNull(column=f))
+        Rule(
+            f"{f}_present",
+            f"`{f}` is present and not blank",
+            gxe.ExpectColumnValuesToNotBeNull(column=f),
+        )
         for f in FIELDS
     ] + [
         Rule("id_unique", "ids are unique", gxe.ExpectColumnValuesToBeUnique(column="id")),
-        Rule("question_length", f"questions have {lo}–{hi} characters",
-             lengths(column="question", min_value=lo, max_value=hi)),
-        Rule("lang_allowed", f"lang is one of {list(cfg.langs)}",
-             in_set(column="lang", value_set=list(cfg.langs))),
-        Rule("difficulty_allowed", f"difficulty is one of {list(DIFFICULTIES)}",
-             in_set(column="difficulty", value_set=list(DIFFICULTIES))),
-        Rule("split_allowed", f"split is one of {list(SPLITS)}",
-             in_set(column="split", value_set=list(SPLITS))),
-        Rule("splits_not_empty", "both train and eval have examples",
-             gxe.ExpectColumnDistinctValuesToContainSet(column="split",
-                                                        value_set=["train", "eval"])),
+        Rule(
+            "db_id_safe",
+            "db_id is 1-128 letters, digits, `_` or `-` (a file name)",
+            gxe.ExpectColumnValuesToMatchRegex(column="db_id", regex=DB_ID_PATTERN),
+        ),
+        Rule(
+            "question_length",
+            f"questions have {lo}–{hi} characters",
+            lengths(column="question", min_value=lo, max_value=hi),
+        ),
+        Rule(
+            "lang_allowed",
+            f"lang is one of {list(cfg.langs)}",
+            in_set(column="lang", value_set=list(cfg.langs)),
+        ),
+        Rule(
+            "difficulty_allowed",
+            f"difficulty is one of {list(DIFFICULTIES)}",
+            in_set(column="difficulty", value_set=list(DIFFICULTIES)),
+        ),
+        Rule(
+            "split_allowed",
+            f"split is one of {list(SPLITS)}",
+            in_set(column="split", value_set=list(SPLITS)),
+        ),
+        Rule(
+            "splits_not_empty",
+            "both train and eval have examples",
+            gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=["train", "eval"]),
+        ),
     ]
     out += [
         Rule(c, what.format(timeout=cfg.sql_timeout_s), in_set(column=c, value_set=[True]))
@@ -262,6 +259,41 @@ def _gx_validate(
     return by_rule, index
 
 
+def failing_rules(df: pd.DataFrame, cfg: ValidateConfig) -> list[list[str]]:
+    """The rules each row of a `check_records` frame breaks, run through GX from `rules(cfg)`
+    like `run` does (whole-table rules, e.g. both splits having examples, are left out): the
+    feedback export quarantines a record that breaks any."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    _quiet_gx()
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        ctx.data_sources.add_pandas("records")
+        .add_dataframe_asset("rows")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": df})
+    )
+    suite = gx.ExpectationSuite(name="sqlops_rows")
+    for rule in rules(cfg):
+        suite.add_expectation(rule.expectation)
+    run = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+    position = {label: i for i, label in enumerate(df.index)}
+    failed: list[list[str]] = [[] for _ in range(len(df))]
+    for res in run.results:
+        for label in res.result.get("unexpected_index_list") or []:
+            failed[position[label]].append(res.expectation_config.meta["rule"])
+    return failed
+
+
+def _quiet_gx() -> None:
+    gx_log = logging.getLogger("great_expectations")
+    if gx_log.level == logging.NOTSET:
+        # Its INFO lines (hundreds, from import on) would drown the stage's own log.
+        gx_log.setLevel(logging.WARNING)
+
+
 def _examples(df: pd.DataFrame, column: str, res: dict) -> list[dict]:
     """The first failing rows of a rule: id, question, SQL, and why (a computed check) or the
     offending value (a field rule)."""
@@ -304,10 +336,7 @@ def run(cfg: ValidateConfig, prepared_dir: Path, report_dir: Path) -> Validation
     start = time.monotonic()
     df = check_records(records, prepared_dir / "databases", cfg.sql_timeout_s)
     log.info("computed checks for %d rows in %.1f s", len(df), time.monotonic() - start)
-    gx_log = logging.getLogger("great_expectations")
-    if gx_log.level == logging.NOTSET:
-        # Its INFO lines (hundreds, from import on) would drown the stage's own log.
-        gx_log.setLevel(logging.WARNING)
+    _quiet_gx()
     suite_rules = rules(cfg)
     by_rule, docs = _gx_validate(df, suite_rules, report_dir)
 
@@ -336,7 +365,7 @@ def run(cfg: ValidateConfig, prepared_dir: Path, report_dir: Path) -> Validation
     summary = {
         "success": result.success,
         "n_rows": result.n_rows,
-        "n_by_split": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "n_by_split": {s: n for s in SPLITS if (n := int((df["split"] == s).sum()))},
         # relative, so that summary.json (a `train` dependency) is the same on every machine
         "data_docs": str(docs.relative_to(report_dir)) if docs else None,
         "rules": [asdict(r) for r in results],

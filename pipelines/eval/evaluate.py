@@ -25,7 +25,7 @@ import pandas as pd
 import mlflow
 from pipelines import sql as sqlmod
 from pipelines.config import EvaluateConfig, Params, load_params, setup_entry_point
-from pipelines.data.records import read_jsonl, sample_records
+from pipelines.data.records import read_jsonl, sample_records, write_jsonl
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
 from pipelines.eval.metrics import disagreements, score_example, summarize
 from pipelines.eval.report import ReportPaths, model_names, write_report
@@ -112,13 +112,22 @@ def evaluate_models(
     seed: int,
     judge_cache: Path,
     vllm: VLLMRuntime,
+    predictions: Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate, score and judge every model on the same examples; one model in memory at a
-    time. Returns (metrics in the eval.json shape, one `M` block per model name; rows)."""
+    time. Returns (metrics in the eval.json shape, one `M` block per model name; rows).
+
+    With `predictions`, the scored rows of every finished model are written there as soon as
+    it finishes (unjudged; the report rewrites the file at the end), so that a later model or
+    the judge failing loses only what was not finished."""
     all_rows, speed = [], {}
     for name, load in models.items():
         rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg, vllm)
         all_rows += [{"model": name, **row} for row in rows]
+        if predictions is not None:
+            predictions.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(predictions, all_rows)
+            log.info("%s: %d predictions written to %s", name, len(rows), predictions)
     report = apply_judge(all_rows, records, cfg, judge_cache)
     failures_only = cfg.judge.only_execution_failures
     metrics = {
@@ -150,17 +159,21 @@ def run(
     prepared_dir: Path,
     judge_cache: Path,
     vllm: VLLMRuntime,
+    predictions: Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """(metrics in the eval.json shape, prediction rows of both models). The tuned model is
     also scored on the selection split (`data.selection_domains`) when there is one: the figure
-    knobs are chosen on, under `metrics["selection"]`, its rows not among the returned ones."""
+    knobs are chosen on, under `metrics["selection"]`, its rows not among the returned ones.
+    `predictions`: see `evaluate_models`."""
     db_dir = prepared_dir / "databases"
     models = {
         "base": lambda: ModelSpec(base_dir),
         "tuned": lambda: ModelSpec(base_dir, adapter_dir),
     }
     records, gold = split_with_gold(prepared_dir, "eval", cfg, seed)
-    metrics, rows = evaluate_models(models, records, gold, db_dir, cfg, seed, judge_cache, vllm)
+    metrics, rows = evaluate_models(
+        models, records, gold, db_dir, cfg, seed, judge_cache, vllm, predictions
+    )
     selection, gold = split_with_gold(prepared_dir, "selection", cfg, seed)
     if selection:
         tuned = {"tuned": models["tuned"]}
@@ -262,6 +275,7 @@ def main() -> None:
         p.path("prepared"),
         p.path("judge_cache"),
         VLLMRuntime.of(p),
+        p.path("predictions"),
     )
     paths = report_paths(p)
     write_report(paths, metrics, rows)

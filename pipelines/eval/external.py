@@ -130,12 +130,20 @@ def run(
     kept = [i for i, g in enumerate(gold) if g.ok]
     records, gold = [records[i] for i in kept], [gold[i] for i in kept]
 
+    paths = ReportPaths.under(out_dir)
     metrics, rows = evaluate_models(
-        models, records, gold, db_dir, cfg, p.seed, p.path("judge_cache"), VLLMRuntime.of(p)
+        models,
+        records,
+        gold,
+        db_dir,
+        cfg,
+        p.seed,
+        p.path("judge_cache"),
+        VLLMRuntime.of(p),
+        paths.predictions,
     )
     metrics["dataset"] = {"spec": dataset, "gold_errors": len(bad)}
     metrics["models"] = lineage
-    paths = ReportPaths.under(out_dir)
     write_report(paths, metrics, rows)
     with mlflow.start_run(run_name=f"eval-{out_dir.name}"):
         mlflow.set_tags({"eval_dataset": dataset, "eval_models": " ".join(model_specs)})

@@ -22,9 +22,13 @@ def score_example(
     tol: float,
 ) -> dict:
     """valid: the prediction is one read-only statement that executes; execution_match: its
-    result equals the gold result (Spider semantics); exact_match: same normalised text."""
-    ordered = sqlmod.has_order_by(gold_sql)
-    match = pred.ok and gold.ok and sqlmod.results_match(gold.rows, pred.rows, ordered, tol)
+    result equals the gold result (Spider semantics); exact_match: same normalised text.
+    Whatever model output does to the comparison, it is "not a match", never an exception."""
+    try:
+        ordered = sqlmod.has_order_by(gold_sql)
+        match = pred.ok and gold.ok and sqlmod.results_match(gold.rows, pred.rows, ordered, tol)
+    except Exception:
+        match = False
     return {
         "valid": pred.ok,
         "execution_match": bool(match),

@@ -8,12 +8,17 @@ MLflow's webhook (pipelines/release/webhook.py, `POST /webhooks/mlflow`, signed 
 
 It sits in the release layer because it joins serving to the registry. Run it with `sqlops
 serve` (vLLM too) or `python -m pipelines.release.server` (the container command in infra/).
+Bound to anything but loopback it refuses to start without `SQLOPS_API_KEY`, unless told
+explicitly that an open gateway is meant: `--insecure` or `SQLOPS_ALLOW_INSECURE=1`.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import ipaddress
 import os
+import sys
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -87,7 +92,7 @@ def gateway(
     )
     app = create_app(
         service,
-        InferenceLog(p.serving.inference_log_url),
+        InferenceLog(p.serving.inference_log_url, p.serving.inference_log_timeout_s),
         RouteWatcher(p.path("routing")),
         catalog=catalog or (lambda: list_versions(p)),
         api_key=os.environ.get("SQLOPS_API_KEY") or None,
@@ -104,11 +109,42 @@ def app_from_params(p: Params) -> FastAPI:
     return gateway(p)[0]
 
 
-def main() -> None:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_problem(host: str, api_key: str | None, insecure: bool) -> str | None:
+    """Why the gateway must not start on `host`, or None: off loopback it needs an API key,
+    unless the operator opted in to an open gateway."""
+    if is_loopback(host) or api_key or insecure:
+        return None
+    return (
+        f"refusing to serve on {host} without SQLOPS_API_KEY: anyone who reaches it could run "
+        "queries and write feedback. Set SQLOPS_API_KEY, bind 127.0.0.1 (serving.host), or "
+        "pass --insecure / SQLOPS_ALLOW_INSECURE=1 if an open gateway is really meant."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
+    parser = argparse.ArgumentParser(description="the sqlops gateway process")
+    parser.add_argument(
+        "--insecure", action="store_true", help="serve off loopback without SQLOPS_API_KEY"
+    )
+    args = parser.parse_args(argv)
     setup_entry_point()
     p = load_params()
+    insecure = args.insecure or os.environ.get("SQLOPS_ALLOW_INSECURE") == "1"
+    problem = exposure_problem(p.serving.host, os.environ.get("SQLOPS_API_KEY"), insecure)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     app, loop = gateway(p)
     loop.start()
     try:

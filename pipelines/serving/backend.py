@@ -119,7 +119,7 @@ class VLLMCompletions:
     async def health(self) -> str | None:
         """None when the server answers, else the reason."""
         try:
-            async with httpx.AsyncClient(timeout=2.0) as c:
+            async with httpx.AsyncClient(timeout=2.0, headers=vllm_headers()) as c:
                 (await c.get(f"{self.base_url}/models")).raise_for_status()
         except httpx.HTTPError as e:
             return f"model server unreachable at {self.base_url}: {type(e).__name__}"

@@ -3,7 +3,9 @@
 POST /v1/sql       {question, db_id, execute?} → prompt (the one `build_prompt`, from the
                    database's DDL) → vLLM OpenAI completions API (the routed adapter) → SQL →
                    guard → optional read-only execution → {request_id, sql, rows?, ...}
-POST /v1/feedback  {request_id, verdict? | correct_sql?} attached to the logged request
+POST /v1/feedback  {request_id, verdict? | correct_sql?} attached to the logged request, with the
+                   API-key id of the sender; refused requests take none (409), each key is
+                   rate-limited (429), corrections are size-capped and guarded off the loop
 GET  /v1/models    registry versions with lineage, and the adapter being served
 GET  /health       200 when vLLM answers and an adapter is routed, else 503 with the reason
 GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors
@@ -22,13 +24,17 @@ serves it (params.yaml, MLflow, vLLM) is pipelines/release/server.py: run it wit
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import random
+import threading
 import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
@@ -37,10 +43,10 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.serving.inference_log import InferenceLog
+from pipelines.serving.inference_log import InferenceLog, new_request_id
 from pipelines.serving.playground import playground_router
 from pipelines.serving.routing import Route, RouteWatcher
-from pipelines.serving.service import Text2SQL
+from pipelines.serving.service import Text2SQL, has_lone_surrogate
 from pipelines.sql import UnsafeSQL, guard
 
 log = logging.getLogger(__name__)
@@ -61,17 +67,44 @@ class FeedbackRequest(BaseModel):
     correct_sql: str | None = None
 
 
+def key_id(key: str) -> str:
+    """Who sent a request, for the log: a short hash of the API key, never the key itself."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def _api_key_check(expected: str | None) -> Callable:
     def check(
         authorization: str | None = Header(default=None), x_api_key: str | None = Header(None)
-    ) -> None:
+    ) -> str:
+        """The caller's key id ("anonymous" when no key is configured)."""
         if expected is None:
-            return
+            return "anonymous"
         given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "missing or wrong API key")
+        return key_id(given)
 
     return check
+
+
+class RateLimit:
+    """At most `per_minute` events per key in any 60 s (a sliding window, in memory)."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._seen: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            seen = self._seen[key]
+            while seen and seen[0] <= now - 60:
+                seen.popleft()
+            if len(seen) >= self.per_minute:
+                return False
+            seen.append(now)
+            return True
 
 
 def create_app(
@@ -88,7 +121,8 @@ def create_app(
     """The HTTP app around a `Text2SQL` service; `catalog` lists registry versions,
     `challenger` gives the route to the challenger version (None when there is none)."""
     app = FastAPI(title="sqlops gateway", version="1")
-    auth = [Depends(_api_key_check(api_key))]
+    checker = _api_key_check(api_key)
+    auth = [Depends(checker)]
     m = service.metrics
     for router in routers:
         app.include_router(router)
@@ -114,6 +148,8 @@ def create_app(
             return None
         return BackgroundTask(shadow_answers, req.question, req.db_id, (route, challenger))
 
+    feedback_limit = RateLimit(service.cfg.feedback_per_minute)
+
     @app.post("/v1/sql", dependencies=auth)
     async def sql(req: SQLRequest) -> JSONResponse:
         start = time.perf_counter()
@@ -128,8 +164,11 @@ def create_app(
         a = await service.answer(req.question, req.db_id, req.execute, route)
         elapsed = time.perf_counter() - start
         a.row["latency_ms"] = elapsed * 1000
+        request_id = a.row.setdefault("request_id", new_request_id())
         try:
-            request_id = await run_in_threadpool(inference_log.record, **a.row)
+            await run_in_threadpool(inference_log.record, **a.row)
+        except sa.exc.OperationalError as e:  # kept in the log's backlog, written later
+            log.warning("inference log busy, request %s kept for later: %s", request_id, e)
         except Exception:  # the answer still goes out; the log's failure is reported
             log.exception("inference log write failed")
             request_id = None
@@ -139,21 +178,37 @@ def create_app(
         background = shadow_task(req, route, a.row["status"])
         return JSONResponse(body, status_code=a.http_status, background=background)
 
-    @app.post("/v1/feedback", dependencies=auth)
-    async def feedback(req: FeedbackRequest) -> dict:
+    @app.post("/v1/feedback")
+    async def feedback(req: FeedbackRequest, sender: str = Depends(checker)) -> dict:
+        texts = (req.request_id, req.verdict or "", req.correct_sql or "")
+        if any(has_lone_surrogate(t) for t in texts):
+            raise HTTPException(400, "feedback is not valid Unicode text (a lone surrogate)")
         if req.verdict is None and req.correct_sql is None:
             raise HTTPException(400, "give a verdict or a correct_sql")
         if req.verdict is not None and req.verdict not in ("correct", "wrong"):
             raise HTTPException(400, "verdict must be 'correct' or 'wrong'")
+        limit = service.cfg.max_feedback_sql_chars
+        if req.correct_sql is not None and len(req.correct_sql) > limit:
+            raise HTTPException(400, f"correct_sql is longer than {limit} characters")
+        if not feedback_limit.allow(sender):
+            raise HTTPException(429, "too much feedback from this key; retry in a minute")
         correct_sql = req.correct_sql
         if correct_sql is not None:
-            try:
-                correct_sql = guard(correct_sql)
+            try:  # parsing is CPU work: off the event loop
+                correct_sql = await run_in_threadpool(guard, correct_sql)
             except UnsafeSQL as e:
                 raise HTTPException(400, f"correct_sql is not a read-only query: {e}") from e
-        found = await run_in_threadpool(
-            inference_log.add_feedback, req.request_id, req.verdict, correct_sql
-        )
+        try:
+            logged = await run_in_threadpool(inference_log.get, req.request_id)
+            if logged is not None and logged["status"] == "bad_request":
+                raise HTTPException(409, "that request was refused: it takes no feedback")
+            found = logged is not None and await run_in_threadpool(
+                inference_log.add_feedback, req.request_id, req.verdict, correct_sql, sender
+            )
+        except sa.exc.OperationalError as e:  # locked or unreachable: the client may retry
+            log.warning("inference log unavailable for feedback: %s", e)
+            headers = {"Retry-After": "1"}
+            raise HTTPException(503, "the inference log is busy; retry", headers=headers) from e
         if not found:
             raise HTTPException(404, f"unknown request_id {req.request_id!r}")
         return {"request_id": req.request_id, "status": "recorded"}

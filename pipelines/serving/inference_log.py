@@ -3,12 +3,18 @@
 The gateway writes it, the monitoring flow reads time windows of it, and feedback corrections
 become a data source for retraining. SQLite by default (`serving.inference_log_url`), any
 SQLAlchemy URL in production. Relative sqlite paths resolve against the repo root.
+
+A row that cannot be written (a locked or unreachable log) is kept in memory (up to
+BACKLOG_ROWS) and written with the next row that can be: the gateway answers meanwhile, and
+its request id stays valid. A log created before a column was added gets the column on open.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import pandas as pd
@@ -42,9 +48,11 @@ requests = sa.Table(
     # A shadow answer (serving.shadow_share): the champion's and the challenger's, both executed,
     # for the gate; never shown to a user, left out of windows (drift, figures) by default.
     sa.Column("shadow", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Column("feedback_by", sa.String(32)),  # API-key id of who gave the feedback (not the key)
 )
 
 COLUMNS = [c.name for c in requests.columns]
+BACKLOG_ROWS = 10_000  # rows kept while the log cannot be written (then the oldest are dropped)
 
 
 def new_request_id() -> str:
@@ -54,35 +62,62 @@ def new_request_id() -> str:
 class InferenceLog:
     """Append-only request log with feedback; safe to share across threads."""
 
-    def __init__(self, url: str):
-        self.engine = sa.create_engine(sqlite_url(url))
+    def __init__(self, url: str, lock_timeout_s: float | None = None):
+        """`lock_timeout_s`: how long a SQLite write waits on a lock (None: the driver's 5 s)."""
+        url = sqlite_url(url)
+        sqlite = url.startswith("sqlite")
+        args = {"timeout": lock_timeout_s} if sqlite and lock_timeout_s is not None else {}
+        self.engine = sa.create_engine(url, connect_args=args)
         if self.engine.dialect.name == "sqlite":
             # Concurrent gateway workers and a monitoring reader on one file.
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         _meta.create_all(self.engine)
-        self._add_shadow_column()
+        self._add_missing_columns()
+        self._backlog: deque[dict] = deque(maxlen=BACKLOG_ROWS)
+        self._lock = threading.Lock()
 
-    def _add_shadow_column(self) -> None:
-        """Logs created before shadow traffic existed get the column (default false)."""
-        if "shadow" in {c["name"] for c in sa.inspect(self.engine).get_columns("requests")}:
-            return
+    def _add_missing_columns(self) -> None:
+        """Logs written by an older sqlops get the columns added since (`shadow` false on
+        their rows, so they stay in every window)."""
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns(requests.name)}
         with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                "ALTER TABLE requests ADD COLUMN shadow BOOLEAN NOT NULL DEFAULT FALSE"
-            )
+            for col in requests.columns:
+                if col.name not in have:
+                    kind = col.type.compile(dialect=self.engine.dialect)
+                    default = col.server_default
+                    if default is not None:
+                        text = default.arg.compile(dialect=self.engine.dialect)
+                        kind += f" NOT NULL DEFAULT {text}"
+                    add = f"ALTER TABLE {requests.name} ADD COLUMN {col.name} {kind}"
+                    conn.exec_driver_sql(add)
 
     def record(self, **row: Any) -> str:
-        """Insert one request; fills `request_id`, `ts`, `lang` when absent. Returns the id."""
+        """Insert one request; fills `request_id`, `ts`, `lang` when absent. Returns the id.
+        When the log cannot be written the row waits in the backlog (and the error is raised);
+        the next successful call writes it first."""
         unknown = set(row) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown inference log columns: {sorted(unknown)}")
         row.setdefault("request_id", new_request_id())
         row.setdefault("ts", time.time())
         row.setdefault("lang", detect_lang(row.get("question", "")))
-        with self.engine.begin() as conn:
-            conn.execute(requests.insert().values(**row))
+        full = {**dict.fromkeys(COLUMNS), "executed": False, "cache_hit": False, **row}
+        with self._lock:
+            pending = [*self._backlog, full]
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(requests.insert(), pending)
+            except sa.exc.OperationalError:
+                self._backlog.append(full)
+                raise
+            self._backlog.clear()
         return row["request_id"]
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written."""
+        return len(self._backlog)
 
     def record_many(self, rows: list[dict]) -> None:
         """Bulk insert (backfills, tests, the demo's traffic)."""
@@ -108,10 +143,15 @@ class InferenceLog:
             conn.execute(requests.insert(), full)
 
     def add_feedback(
-        self, request_id: str, verdict: str | None = None, correct_sql: str | None = None
+        self,
+        request_id: str,
+        verdict: str | None = None,
+        correct_sql: str | None = None,
+        by: str | None = None,
     ) -> bool:
-        """Attach a verdict and/or corrected SQL to a logged request; False when unknown."""
-        values = {"feedback_ts": time.time()}
+        """Attach a verdict and/or corrected SQL (from API-key id `by`) to a logged request;
+        False when unknown."""
+        values = {"feedback_ts": time.time(), "feedback_by": by}
         if verdict is not None:
             values["feedback_verdict"] = verdict
         if correct_sql is not None:

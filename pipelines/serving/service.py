@@ -8,7 +8,8 @@ optional bounded read-only execution, with an exact-match response cache and Pro
 
 from __future__ import annotations
 
-import re
+import os
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -20,14 +21,29 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.config import Params, ServingConfig
+from pipelines.data.records import valid_db_id
 from pipelines.data.schema_fit import fit_schema
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
 from pipelines.serving.routing import Route
-from pipelines.sql import ExecResult, UnsafeSQL, ddl_of, execute, extract_sql, guard
+from pipelines.sql import ExecResult, UnsafeSQL, ddl_of, execute, extract_sql, guard, json_rows
 
-_DB_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60)
+
+
+def loggable(text: str) -> str:
+    """Text the log (UTF-8) can store: lone surrogates, which JSON can carry but UTF-8 cannot,
+    become backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    # JSON's "\ud83d\ude00" pairs decode to one code point: any surrogate left is a lone one.
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """A database file exists but cannot be read right now (empty, truncated, being replaced)."""
 
 
 def casefold_question(question: str) -> str:
@@ -86,8 +102,9 @@ class GatewayMetrics:
 
 
 def result_body(res: ExecResult) -> dict[str, Any]:
-    """The rows of an executed query as the API returns them (/v1/sql and /v1/execute)."""
-    return {"columns": res.columns, "rows": res.rows, "truncated": res.truncated}
+    """The rows of an executed query as the API returns them (/v1/sql and /v1/execute): inf/nan
+    and blobs, which JSON cannot carry, as "inf"/"nan" and hex text."""
+    return {"columns": res.columns, "rows": json_rows(res.rows), "truncated": res.truncated}
 
 
 @dataclass
@@ -106,15 +123,32 @@ class Text2SQL:
         self.cfg, self.databases, self.tok, self.backend = cfg, databases, tokenizer, backend
         self.cache = ResponseCache(cfg.cache_size)
         self.metrics = GatewayMetrics()
-        self._ddl: dict[str, str] = {}
+        # db_id → (file identity when read, DDL): a database replaced on disk (a new `prepare`)
+        # is read again; an empty or unreadable one is never cached.
+        self._ddl: dict[str, tuple[tuple, str]] = {}
 
     def ddl(self, db_id: str) -> str | None:
-        if db_id not in self._ddl:
-            path = self.databases / f"{db_id}.sqlite"
-            if not _DB_ID.match(db_id) or not path.is_file():
-                return None
-            self._ddl[db_id] = ddl_of(path)
-        return self._ddl[db_id]
+        """The prompt DDL of a database; None for an unknown db_id. Raises
+        `DatabaseUnavailable` for a file that is empty or unreadable (being rebuilt)."""
+        if not valid_db_id(db_id):
+            return None
+        path = self.databases / f"{db_id}.sqlite"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._ddl.get(db_id)
+        if cached and cached[0] == identity:
+            return cached[1]
+        try:
+            ddl = ddl_of(path)
+        except (OSError, sqlite3.Error) as e:
+            raise DatabaseUnavailable(f"database {db_id} cannot be read right now: {e}") from e
+        if not ddl:
+            raise DatabaseUnavailable(f"database {db_id} has no tables right now (being rebuilt?)")
+        self._ddl[db_id] = (identity, ddl)
+        return ddl
 
     def execute(self, db_id: str, sql: str) -> ExecResult:
         """Guarded, bounded, read-only execution on a known database: generated SQL and SQL a
@@ -129,15 +163,24 @@ class Text2SQL:
     async def answer(
         self, question: str, db_id: str, run_sql: bool, route: Route | None, use_cache: bool = True
     ) -> Answer:
-        row: dict[str, Any] = {"db_id": db_id[:128], "question": question[:10_000]}
+        row: dict[str, Any] = {
+            "db_id": loggable(db_id)[:128],
+            "question": loggable(question)[:10_000],
+        }
         if not question.strip():
             return self._bad(row, 400, "question is empty")
         if len(question) > self.cfg.max_question_chars:
             limit = self.cfg.max_question_chars
             return self._bad(row, 400, f"question is longer than {limit} characters")
-        ddl = self.ddl(db_id)
+        if has_lone_surrogate(question):
+            return self._bad(row, 400, "question is not valid Unicode text (a lone surrogate)")
+        try:
+            ddl = self.ddl(db_id)
+        except DatabaseUnavailable as e:
+            row.update(status="backend_error", error=str(e))
+            return Answer(503, {"status": "backend_error", "error": str(e)}, row)
         if ddl is None:
-            return self._bad(row, 404, f"unknown db_id {db_id!r}")
+            return self._bad(row, 404, f"unknown db_id {row['db_id']!r}")
         if route is None:
             reason = "no model is deployed (run `sqlops deploy`)"
             row.update(status="backend_error", error=reason)
