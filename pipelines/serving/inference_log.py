@@ -102,7 +102,8 @@ class InferenceLog:
         row.setdefault("request_id", new_request_id())
         row.setdefault("ts", time.time())
         row.setdefault("lang", detect_lang(row.get("question", "")))
-        full = {**dict.fromkeys(COLUMNS), "executed": False, "cache_hit": False, **row}
+        defaults = {"executed": False, "cache_hit": False, "shadow": False}
+        full = {**dict.fromkeys(COLUMNS), **defaults, **row}
         with self._lock:
             pending = [*self._backlog, full]
             try:
