@@ -127,7 +127,15 @@ def run(
     records, gold = [records[i] for i in kept], [gold[i] for i in kept]
 
     metrics, rows = evaluate_models(
-        models, records, gold, db_dir, cfg, p.seed, p.path("judge_cache"), VLLMRuntime.of(p)
+        models,
+        records,
+        gold,
+        db_dir,
+        cfg,
+        p.seed,
+        p.path("judge_cache"),
+        VLLMRuntime.of(p),
+        p.decoding,
     )
     metrics["dataset"] = {"spec": dataset, "gold_errors": len(bad)}
     metrics["models"] = lineage
