@@ -38,6 +38,7 @@ from pipelines.eval.metrics import disagreements, score_example, summarize
 from pipelines.eval.report import ReportPaths, model_names, write_report
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer
 from pipelines.model.decoding import choose, grammar_for
+from pipelines.model.generate import Generation
 from pipelines.model.prompt import build_prompt
 from pipelines.tracking import configure_mlflow
 from pipelines.vllm_runtime import VLLMRuntime
@@ -53,8 +54,8 @@ def evaluate_model(
     cfg: EvaluateConfig,
     vllm: VLLMRuntime,
     decoding: DecodingConfig,
-) -> tuple[list[dict], float]:
-    """Scored prediction rows for one model, and its generation speed (tokens/s)."""
+) -> tuple[list[dict], Generation]:
+    """Scored prediction rows for one model, and its generation (speed, start-up, backend)."""
     tok = load_tokenizer(spec.base_dir)
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
     dbs = [db_dir / f"{r['db_id']}.sqlite" for r in records]
@@ -82,7 +83,7 @@ def evaluate_model(
                 **score_example(r["sql"], g, pred_sql, pred, cfg.float_tolerance),
             }
         )
-    return rows, gen.tokens_per_s
+    return rows, gen
 
 
 def apply_judge(
