@@ -222,3 +222,26 @@ def test_served_and_offline_decoding_send_identical_requests(synthetic, tiny_bas
         )
         assert sent.pop("model") == "text2sql-v1"
         assert sent == {k: v for k, v in want.items() if k != "prompt_token_ids"}
+
+
+def test_transformers_candidates_follow_the_grammar(tiny_base_dir, prepared_dir):
+    """The transformers backend: greedy + sampled candidates, scored, each a prefix the
+    database's grammar accepts (xgrammar's logits processor), even from a random tiny model."""
+    from pipelines.data.records import read_jsonl
+    from pipelines.model.base import load_base
+    from pipelines.model.generate import generate_candidates
+    from pipelines.model.prompt import build_prompt
+
+    model, tok = load_base(tiny_base_dir)
+    records = read_jsonl(prepared_dir / "eval.jsonl")[:2]
+    dbs = [prepared_dir / "databases" / f"{r['db_id']}.sqlite" for r in records]
+    grammars = [grammar_for(db, DECODING) for db in dbs]
+    prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
+    d = DECODING.model_copy(update={"n": 3})
+    gen = generate_candidates(model, tok, prompts, grammars, d, 12)
+    assert [len(c) for c in gen.candidates] == [3, 3]
+    for cands, grammar in zip(gen.candidates, grammars, strict=True):
+        compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([])).compile_grammar(grammar)
+        for c in cands:
+            assert c.text.startswith("SELECT ") and c.logprob < 0 < c.tokens
+            assert xgr.GrammarMatcher(compiled).accept_string(c.text), c.text
