@@ -245,3 +245,27 @@ def test_transformers_candidates_follow_the_grammar(tiny_base_dir, prepared_dir)
         for c in cands:
             assert c.text.startswith("SELECT ") and c.logprob < 0 < c.tokens
             assert xgr.GrammarMatcher(compiled).accept_string(c.text), c.text
+
+
+def test_decoding_experiment_table(tmp_path, tiny_base_dir, prepared_dir):
+    """`sqlops experiment decoding --no-serving` on the tiny model (transformers backend): one
+    row per decoding, the prediction rows carrying the choice's figures."""
+    from pipelines.bench import decoding as experiment
+    from tests.test_backends import make_adapter
+
+    adapter = make_adapter(tiny_base_dir, tmp_path / "adapter", seed=6)
+    p = P.replace(
+        paths={"base_model": tiny_base_dir, "prepared": prepared_dir,
+               "experiments": tmp_path / "exp"},
+        evaluate={"backend": "transformers", "max_new_tokens": 8, "max_examples": 4,
+                  "bootstrap_samples": 50},
+    )  # fmt: skip
+    md = experiment.run(p, "eval.jsonl", n=2, adapter=adapter, serving=False)
+    result = json.loads((tmp_path / "exp" / "decoding.json").read_text())
+    assert [r["row"] for r in result["rows"]] == [
+        "greedy", "+ grammar", "+ 2 candidates", "+ grammar + 2 candidates",
+    ]  # fmt: skip
+    assert all(
+        0 <= r["execution_accuracy"] <= 1 and r["s_per_question"] > 0 for r in result["rows"]
+    )
+    assert md.read_text().count("\n| ") == 2 + 4
