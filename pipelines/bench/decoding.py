@@ -123,7 +123,8 @@ def served(
             runs[kind].append(run_load(sender(kind, half), half, CONCURRENCY))
         # Every question once through the served greedy path (agreement with offline).
         missing = [i for i, s in enumerate(sql) if not s]
-        run_load(lambda i: sender(greedy, 0)(missing[i]), len(missing), CONCURRENCY)
+        if missing:
+            run_load(lambda i: sender(greedy, 0)(missing[i]), len(missing), CONCURRENCY)
         admin.unload(name)
     finally:
         if not was_up:
