@@ -19,7 +19,6 @@ own check only, so it can be rerun. Run: `make demo` or `sqlops flow demo` (need
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 from prefect import flow, get_run_logger, task
@@ -41,8 +40,6 @@ from pipelines.release.registry import (
 )
 from pipelines.serving.routing import read_route
 from pipelines.tracking import configure_mlflow
-
-log = logging.getLogger(__name__)
 
 
 def domain_accuracy(p: Params, version: int, domains: list[str]) -> float | None:
@@ -78,7 +75,7 @@ def traffic(p: Params, gateway: str, label: str, domains: list[str], n: int, see
     questions = simulate.fresh_questions(
         domains,
         -(-n // len(domains)),
-        list(p.synth.langs),
+        p.synth,
         p.seed,
         seed,
         prepared / "databases",

@@ -11,7 +11,6 @@ Run once: `sqlops flow monitoring [--hours N] [--no-retrain]`; scheduled: `sqlop
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -24,7 +23,6 @@ from pipelines.config import Params, load_params
 from pipelines.monitoring import drift, feedback, report
 from pipelines.monitoring.policy import history_horizon_s, should_retrain
 
-log = logging.getLogger(__name__)
 DRIFT_EVENT = "sqlops.drift.detected"
 TRAINING_DEPLOYMENT = "training/training"
 

@@ -10,7 +10,6 @@ failure), so a drift-triggered retraining reaches users without a person. Run it
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,6 @@ from prefect import flow, get_run_logger, task
 from flows.release import deploy_task, register_and_gate_task
 from pipelines.config import ROOT, load_params
 from pipelines.release.deploy import is_serving
-
-log = logging.getLogger(__name__)
 
 
 def dvc_stages(root: Path = ROOT) -> list[str]:

@@ -59,6 +59,8 @@ class SynthConfig(_Block):
     domains: list[str]  # synthetic databases to build, one per domain
     examples_per_domain: int  # question/SQL pairs generated per domain
     langs: list[str]  # question languages
+    difficulty_weights: dict[str, float]  # how often each difficulty is drawn (all four listed)
+    max_empty_share: float  # most of a domain's examples whose gold SQL returns nothing
 
 
 class SourceConfig(_Block):
@@ -88,6 +90,7 @@ class TrainConfig(_Block):
     target_modules: str | list[str]  # "all-linear" or module names
     learning_rate: float  # peak learning rate (AdamW)
     weight_decay: float  # AdamW weight decay
+    grad_clip: float  # gradients are rescaled to at most this global norm before each step
     warmup_ratio: float  # share of steps with linear warmup, then linear decay
     batch_size: int  # examples per micro-batch
     grad_accum: int  # micro-batches per optimizer step
@@ -102,6 +105,8 @@ class TrainConfig(_Block):
     early_stopping_patience: int  # evals without a new best eval loss before stopping (0 = off)
     schema_augment: float  # share of training examples shown with renamed tables/columns
     schema_variants: int  # renamed versions of each database's schema
+    schema_p_table: float  # chance that a table is renamed in one version of a schema
+    schema_p_column: float  # chance that a column is renamed in one version of a schema
     feedback_repeat: int  # copies of each verified feedback example in the training pool
     num_processes: (
         int  # training processes; > 1 re-launches through `accelerate launch` (one per GPU)

@@ -30,11 +30,12 @@ def test_renaming_keeps_literals_and_avoids_keywords():
 
 def test_augmented_examples_execute_and_share_few_ddls(prepared_dir):
     records = read_jsonl(prepared_dir / "train.jsonl")
-    out = augment(records, share=1.0, variants=2, seed=0)
+    out = augment(records, share=1.0, variants=2, seed=0, p_table=0.5, p_column=0.4)
     assert len(out) == len(records) and len({r["ddl"] for r in out}) <= 2
     assert sum(a["sql"] != b["sql"] for a, b in zip(records, out, strict=True)) > 0
     for r in out:
         db = sqlite3.connect(":memory:")
         db.executescript(r["ddl"])
         db.execute(r["sql"]).fetchall()  # every renamed name exists in the renamed schema
-    assert augment(records, share=0.0, variants=2, seed=0) == records
+    kept = augment(records, share=0.0, variants=2, seed=0, p_table=0.5, p_column=0.4)
+    assert kept == records

@@ -23,6 +23,7 @@ from tests.fake_vllm import FakeVLLM
 from tests.loopback import LoopbackServer
 
 SEED = 7
+SYNTH = load_params().synth.model_copy(update={"langs": ["en", "ko"]})
 
 
 def game_db(tmp_path: Path) -> tuple[Path, list[dict]]:
@@ -31,13 +32,13 @@ def game_db(tmp_path: Path) -> tuple[Path, list[dict]]:
     rows = generate_rows(game, SEED)
     databases = tmp_path / "databases"
     write_database(game, rows, databases / "game.sqlite")
-    known, _ = generate_examples(game, rows, databases / "game.sqlite", 60, ["en", "ko"], SEED)
+    known, _ = generate_examples(game, rows, databases / "game.sqlite", 60, SYNTH, SEED)
     return databases, known
 
 
 def test_fresh_questions_are_new_executable_and_seeded(tmp_path: Path):
     databases, known = game_db(tmp_path)
-    args = (["game"], 40, ["en", "ko"], SEED, SEED + 1, databases, known)
+    args = (["game"], 40, SYNTH, SEED, SEED + 1, databases, known)
     fresh = simulate.fresh_questions(*args)
     assert len(fresh) == 40
     assert simulate.fresh_questions(*args) == fresh
@@ -49,9 +50,7 @@ def test_fresh_questions_are_new_executable_and_seeded(tmp_path: Path):
 
 def test_traffic_and_corrections_through_the_gateway(tmp_path: Path, tiny_base_dir: Path):
     databases, known = game_db(tmp_path)
-    questions = simulate.fresh_questions(
-        ["game"], 12, ["en", "ko"], SEED, SEED + 1, databases, known
-    )
+    questions = simulate.fresh_questions(["game"], 12, SYNTH, SEED, SEED + 1, databases, known)
     # The served model answers half of them correctly, the rest with a wrong table.
     answers = {
         q["question"]: q["sql"] if i % 2 else "SELECT * FROM no_such_table"

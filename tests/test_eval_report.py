@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from pipelines.config import JudgeConfig, load_params
+from pipelines.config import load_params
 from pipelines.eval import metrics
 from pipelines.eval.evaluate import apply_judge
 from pipelines.eval.report import ReportPaths, breakdown_rows, write_report
@@ -98,16 +98,18 @@ def test_apply_judge_only_asks_about_execution_failures(tmp_path, monkeypatch, f
     evaluate_cfg = load_params().evaluate
     cfg = evaluate_cfg.model_copy(
         update={
-            "judge": JudgeConfig(
-                model="fake-judge",
-                max_concurrency=2,
-                max_retries=2,
-                timeout_s=5.0,
-                rpm_limit=None,
-                tpm_limit=None,
-                price_per_1k_in=0.0,
-                price_per_1k_out=0.0,
-                only_execution_failures=failures_only,
+            "judge": evaluate_cfg.judge.model_copy(
+                update=dict(
+                    model="fake-judge",
+                    max_concurrency=2,
+                    max_retries=2,
+                    timeout_s=5.0,
+                    rpm_limit=None,
+                    tpm_limit=None,
+                    price_per_1k_in=0.0,
+                    price_per_1k_out=0.0,
+                    only_execution_failures=failures_only,
+                )
             )
         }
     )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipelines.config import JudgeConfig
+from pipelines.config import load_params
 from pipelines.eval.judge import (
     JudgeItem,
     Malformed,
@@ -27,7 +27,10 @@ LIMITS = dict(
     price_per_1k_out=0.0,
     only_execution_failures=False,
 )
-CFG = JudgeConfig(model="fake-judge", max_concurrency=4, max_retries=5, timeout_s=2.0, **LIMITS)
+# params.yaml's judge block against the fake server: no limits or prices, short timeouts.
+CFG = load_params().evaluate.judge.model_copy(
+    update=dict(model="fake-judge", max_concurrency=4, max_retries=5, timeout_s=2.0, **LIMITS)
+)
 PRICED = CFG.model_copy(update={"price_per_1k_in": 10.0, "price_per_1k_out": 30.0})
 FAST = {"backoff_base_s": 0.001, "backoff_max_s": 0.01}
 SECRET = "sk-test-0123456789abcdef"
@@ -207,9 +210,7 @@ def test_thousand_items_with_twenty_percent_faults(tmp_path, monkeypatch):
     """The issue's load test: every example judged once, correctly, and nothing re-paid."""
     faults = Faults(rate_429=0.06, rate_500=0.06, rate_malformed=0.06, rate_slow=0.02, slow_s=2.0)
     items = make_items(1000)
-    cfg = JudgeConfig(
-        model="fake-judge", max_concurrency=16, max_retries=8, timeout_s=1.0, **LIMITS
-    )
+    cfg = CFG.model_copy(update={"max_concurrency": 16, "max_retries": 8, "timeout_s": 1.0})
     with FakeOpenAI(faults) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", SECRET)

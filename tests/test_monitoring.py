@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import SynthConfig, load_params
+from pipelines.config import load_params
 from pipelines.data import synth
 from pipelines.data.records import read_jsonl, write_jsonl
 from pipelines.monitoring import drift
@@ -26,7 +26,9 @@ def synthetic(tmp_path_factory) -> dict:
     """Reference file (half of the trained domains' questions), the other half as in-domain
     traffic, the unseen domain's questions, and the databases."""
     out = tmp_path_factory.mktemp("synthetic")
-    cfg = SynthConfig(domains=[*TRAINED, "game"], examples_per_domain=160, langs=["ko", "en"])
+    cfg = load_params().synth.model_copy(
+        update={"domains": [*TRAINED, "game"], "examples_per_domain": 160}
+    )
     synth.run(cfg, seed=7, out_dir=out)
     examples = read_jsonl(out / "examples.jsonl")
     random.Random(0).shuffle(examples)
@@ -42,7 +44,7 @@ def synthetic(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(synthetic) -> drift.Reference:
-    return drift.load_reference(synthetic["train"])
+    return drift.load_reference(synthetic["train"], 42)
 
 
 @pytest.fixture

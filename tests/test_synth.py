@@ -15,13 +15,45 @@ from pipelines.data import synth
 from pipelines.data.domains import DOMAINS
 from pipelines.data.patterns import Label, Sampler, particle, render
 from pipelines.data.records import DIFFICULTIES, read_jsonl
+from pipelines.data.schema import Domain, Table, date, name, num, pk
 
 KEYS = {"id", "db_id", "domain", "lang", "question", "sql", "difficulty", "source"}
 PER_DOMAIN = 40
+# One table, no foreign key, no category or text column: every builder that needs a join, a
+# category or a text column has to skip it.
+TITLE = (
+    "combo",
+    "빨간 파란 작은 큰",
+    "회의 장보기 여행",
+    "Red Blue Small Big",
+    "Meeting Shopping Trip",
+)
+NOTES = Domain(
+    name="notes",
+    tables=(
+        Table(
+            name="notes",
+            ko="메모",
+            en="note",
+            en_plural="notes",
+            counter="개",
+            rows=40,
+            columns=(
+                pk("note_id"),
+                name("title", "제목", "title", TITLE),
+                num("words", "단어 수", "word count", ("int", 5, 500)),
+                date("written_at", "작성일", "date", ("date", 2022, 2024)),
+                date("edited_at", "수정일", "edit date", ("after", "written_at", 0, 30), null=0.3),
+            ),
+        ),
+    ),
+)
 
 
 def _cfg(domains=None, n=PER_DOMAIN, langs=("ko", "en")) -> SynthConfig:
-    return SynthConfig(domains=list(domains or DOMAINS), examples_per_domain=n, langs=list(langs))
+    """params.yaml's synth block (difficulty mix, empty share) for these domains and languages."""
+    update = {"domains": list(domains or DOMAINS), "examples_per_domain": n, "langs": list(langs)}
+    return load_params().synth.model_copy(update=update)
 
 
 def _dump(db_path) -> list[str]:
@@ -174,6 +206,27 @@ def test_every_pattern_has_three_paraphrases_per_language():
             assert len(rendered) >= 3, (pattern.name, lang)
 
 
+def test_a_domain_without_foreign_keys_or_categories_skips_the_patterns_needing_them(
+    tmp_path, monkeypatch
+):
+    sampler = Sampler(NOTES, synth.generate_rows(NOTES, seed=0), random.Random(0))
+    drafts = {p.name: [p.build(sampler) for _ in range(20)] for p in synth.PATTERNS}
+    skipped = {name for name, built in drafts.items() if not any(built)}
+    assert {
+        "join_project",
+        "join_group_count",
+        "two_joins_where",
+        "top_parents_by_count",
+    } <= skipped
+    assert {"where_eq", "distinct", "group_count", "aggregate_where"} <= skipped  # categories
+    assert not {"all_rows", "where_cmp", "where_null", "aggregate", "date_month"} & skipped
+    monkeypatch.setitem(synth.DOMAINS, "notes", NOTES)
+    stats = synth.run(_cfg(["notes"], n=20), seed=1, out_dir=tmp_path)
+    examples = read_jsonl(tmp_path / "examples.jsonl")
+    assert stats["examples"] == len(examples) == 20
+    assert not any(" JOIN " in e["sql"] or "GROUP BY" in e["sql"] for e in examples)
+
+
 def test_korean_particles_follow_the_last_sound():
     assert particle("레벨", "이") == "이" and particle("플레이어", "이") == "가"
     assert particle("가입일", "은") == "은" and particle("아이템", "을") == "을"
@@ -194,6 +247,9 @@ def test_rejects_unknown_domains_and_languages(tmp_path):
         synth.run(_cfg(["game", "casino"]), seed=1, out_dir=tmp_path)
     with pytest.raises(ValueError, match="langs"):
         synth.run(_cfg(["game"], langs=["fr"]), seed=1, out_dir=tmp_path)
+    no_extra = _cfg(["game"]).model_copy(update={"difficulty_weights": {"easy": 1.0}})
+    with pytest.raises(ValueError, match="difficulty_weights"):
+        synth.run(no_extra, seed=1, out_dir=tmp_path)
 
 
 def test_stale_outputs_are_removed(tmp_path):

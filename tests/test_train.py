@@ -9,7 +9,8 @@ import torch
 
 import mlflow
 from pipelines.config import TrainConfig, load_params
-from pipelines.model import batches, train
+from pipelines.data.records import read_jsonl
+from pipelines.model import batches, devices, loop, train
 from pipelines.model.base import load_base
 from pipelines.model.loss import completion_loss
 
@@ -60,8 +61,6 @@ def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
     transformers' own loss over full sequences."""
     from peft import LoraConfig, get_peft_model
 
-    from pipelines.data.records import read_jsonl
-
     model, tok = load_base(tiny_base_dir)
     model = get_peft_model(
         model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
@@ -103,7 +102,7 @@ def test_dev_split_is_seeded_disjoint_and_capped():
     ],
 )
 def test_early_stopping(history, patience, stop):
-    assert train.should_stop(history, patience) is stop
+    assert loop.should_stop(history, patience) is stop
 
 
 def test_batch_schedule_is_deterministic_and_one_database_per_batch():
@@ -112,6 +111,46 @@ def test_batch_schedule_is_deterministic_and_one_database_per_batch():
     assert a == batches.batch_schedule(groups, 4, 6, seed=1)
     assert len(a) == 6 and all(len(b) == 4 for b in a)
     assert all(len({groups[i] for i in b}) == 1 for b in a)
+
+
+def test_prepare_examples_gives_one_schema_per_batch_on_a_seeded_schedule(
+    tiny_base_dir, prepared_dir
+):
+    cfg = TrainConfig(**{**CFG, "grad_accum": 2, "schema_augment": 1.0, "schema_variants": 2})
+    _, tok = load_base(tiny_base_dir)
+    data = batches.prepare_examples(cfg, 0, prepared_dir, tok)
+    assert len(data.dev) == 1 and data.dropped == 0
+    assert len(data.examples) == len(read_jsonl(prepared_dir / "train.jsonl")) - 1
+    assert len(data.schedule) == cfg.max_steps * cfg.grad_accum
+    # Two renamed schemas part inside the DDL; a batch of one schema shares all of it.
+    common = batches.shared_prefix_len(data.examples)
+    for b in (b for b in data.schedule if len(b) > 1):
+        assert batches.shared_prefix_len([data.examples[i] for i in b]) > common
+    assert data == batches.prepare_examples(cfg, 0, prepared_dir, tok)
+
+
+def test_train_loop_alone_returns_its_history(tiny_base_dir, prepared_dir):
+    cfg = TrainConfig(**{**CFG, "max_steps": 3})
+    where = devices.place(cfg)
+    net = loop.build_model_and_optimizer(cfg, tiny_base_dir, where.device)
+    data = batches.prepare_examples(cfg, 0, prepared_dir, net.tok)
+    logged, saved = [], []
+    history = loop.train_loop(
+        cfg,
+        net,
+        data,
+        where,
+        loop.History(),
+        log_metrics=lambda metrics, step: logged.append((step, sorted(metrics))),
+        checkpoint=lambda h: saved.append(h.step),
+    )
+    assert history.step == 3 and len(history.losses) == 3
+    assert len(history.eval_losses) == 2  # every eval_every=2 steps and at the end
+    assert history.tokens > 0 and history.tokens_per_s > 0
+    assert saved == [2]  # checkpoint_every=2; none at the last step
+    train_metrics = ["grad_norm", "learning_rate", "tokens_per_s", "train_loss"]
+    assert [s for s, m in logged if m == train_metrics] == [1, 2, 3]
+    assert [s for s, m in logged if m == ["eval_loss"]] == [2, 3]
 
 
 @pytest.mark.slow

@@ -10,14 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.config import ValidateConfig
+from pipelines.config import load_params
 from pipelines.data import validate
 from pipelines.data.records import FIELDS, read_jsonl, write_jsonl
 from pipelines.sql import missing_refs, parse, schema_of
 
-CFG = ValidateConfig(
-    min_question_chars=5, max_question_chars=80, langs=["ko", "en"], sql_timeout_s=0.5
-)
+# params.yaml's rules, with limits the fixture's questions and the endless query hit quickly.
+CFG = load_params().validate_.model_copy(update={"max_question_chars": 80, "sql_timeout_s": 0.5})
 # A recursive CTE that never ends: stopped by the time limit (and its name is no missing table).
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c"
 

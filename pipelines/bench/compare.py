@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl, sample_records
@@ -33,7 +33,7 @@ from pipelines.model.base import load_base
 from pipelines.model.decoding import GREEDY
 from pipelines.model.generate import generate_sql
 from pipelines.model.loss import completion_loss
-from pipelines.model.prompt import build_prompt
+from pipelines.model.prompt import STOP, build_prompt
 from pipelines.sql import extract_sql
 from pipelines.vllm_runtime import VLLMRuntime
 
@@ -84,14 +84,7 @@ def bench_train(p: Params, steps: int | None = None) -> Path:
     device, dtype = devices.pick_device(cfg.precision)
     steps = steps or (20 if device.type == "cuda" else 3)
     model, tok = load_base(p.path("base_model"))
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, devices.lora_config(cfg))
     model.train()
     # One training batch as the schedule builds it: examples of one database.
     records = read_jsonl(p.path("prepared") / "train.jsonl")
@@ -164,7 +157,7 @@ def _plain_batched(model, tok, prompts: list[str], batch_size: int, max_new_toke
         enc = tok(prompts[b : b + batch_size], return_tensors="pt", padding=True,
                   add_special_tokens=False)  # fmt: skip
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             stop_strings=backends.STOP, tokenizer=tok,
+                             stop_strings=STOP, tokenizer=tok,
                              pad_token_id=tok.pad_token_id)  # fmt: skip
         gen = out[:, enc.input_ids.shape[1] :]
         new_tokens += int((gen != tok.pad_token_id).sum())

@@ -97,12 +97,13 @@ def augment(
     share: float,
     variants: int,
     seed: int,
-    p_table: float = 0.5,
-    p_column: float = 0.4,
+    p_table: float,
+    p_column: float,
 ) -> list[dict]:
     """Copies of `records` where a seeded `share` of them use one of `variants` renamed
-    versions of their schema. Few variants per database keep batches of one DDL possible, so
-    the train step still runs each batch's shared DDL prefix once."""
+    versions of their schema, each renaming a table with chance `p_table` and a column with
+    chance `p_column`. Few variants per database keep batches of one DDL possible, so the train
+    step still runs each batch's shared DDL prefix once."""
     if share <= 0 or variants <= 0:
         return records
     rng = random.Random(seed)

@@ -170,6 +170,17 @@ AGGREGATES = {  # SQL function: (adjective, noun) per language
     "MIN": (Label("최소", "minimum"), Label("최솟값", "minimum")),
     "MAX": (Label("최대", "maximum"), Label("최댓값", "maximum")),
 }
+
+
+def pick_aggregate(
+    s: Sampler, c: Column, fns: tuple[str, ...] = tuple(AGGREGATES)
+) -> tuple[str, Label, Label]:
+    """One of the aggregate functions `fns` for column `c` with its adjective and noun; never
+    SUM of a column whose total means nothing (a year, a rating)."""
+    fn = s.rng.choice([f for f in fns if c.summable or f != "SUM"])
+    return (fn, *AGGREGATES[fn])
+
+
 COMPARISONS = {
     ">": Label("보다 큰", "greater than"),
     "<": Label("보다 작은", "less than"),

@@ -23,8 +23,8 @@ from pipelines.data.patterns import (
     aliases,
     lit,
     pattern,
+    pick_aggregate,
 )
-from pipelines.data.schema import Column
 
 JOIN_PATTERNS: list[Pattern] = []
 
@@ -43,11 +43,6 @@ def _slots(s: Sampler, e: Edge, **extra: object) -> dict[str, object]:
     return {"p": e.parent, "ch": e.child, "pd": s.label(e.parent, e.parent.display), **extra}
 
 
-def _agg(s: Sampler, c: Column, fns: tuple[str, ...] = ("AVG", "SUM", "MIN", "MAX")):
-    fn = s.rng.choice([f for f in fns if c.summable or f != "SUM"])
-    return (fn, *AGGREGATES[fn])
-
-
 # --- medium --------------------------------------------------------------------------------------
 
 
@@ -59,6 +54,8 @@ def _agg(s: Sampler, c: Column, fns: tuple[str, ...] = ("AVG", "SUM", "MIN", "MA
         "For all {chs}, give the {cc} and the related {p} {pd}."))
 def join_project(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("num", "cat", "date")))
+    if e is None:
+        return None
     cc = s.col(e.child, "num", "cat", "date")
     frm, ca, pa = _from(e)
     sql = f"SELECT {ca}.{cc.name}, {pa}.{e.parent.display.name} {frm}"
@@ -98,6 +95,8 @@ def join_where(s: Sampler) -> Draft | None:
         "@Who are the {ts} with {c_a} {hl} the average?"))
 def above_average(s: Sampler) -> Draft | None:
     t = s.table("num")
+    if t is None:
+        return None
     c, d = s.col(t, "num"), t.display
     op = s.rng.choice([">", "<"])
     hl = Label("높은", "above") if op == ">" else Label("낮은", "below")
@@ -116,6 +115,8 @@ def above_average(s: Sampler) -> Draft | None:
         "@Who is the {t} with the {hl} {c}?"))
 def extreme_row(s: Sampler) -> Draft | None:
     t = s.table("num")
+    if t is None:
+        return None
     c, d = s.col(t, "num"), t.display
     fn = s.rng.choice(["MAX", "MIN"])
     hl = Label("높은", "highest") if fn == "MAX" else Label("낮은", "lowest")
@@ -135,6 +136,8 @@ def extreme_row(s: Sampler) -> Draft | None:
         "Among {g} groups with at least {k} {ts}, rank them by average {c}."))
 def group_having_order(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
+    if t is None:
+        return None
     c, g = s.col(t, "num"), s.col(t, "cat")
     k = s.min_group(Counter(s.values(t, g)))
     sql = (
@@ -154,6 +157,8 @@ def group_having_order(s: Sampler) -> Draft | None:
         "For each {p}, list its {pd} and number of {chs}."))
 def join_group_count(s: Sampler) -> Draft | None:
     e = s.edge()
+    if e is None:
+        return None
     frm, _, pa = _from(e)
     sql = f"SELECT {pa}.{e.parent.display.name}, COUNT(*) {frm} GROUP BY {pa}.{e.parent.pk.name}"
     return Draft(sql, _slots(s, e))
@@ -167,8 +172,10 @@ def join_group_count(s: Sampler) -> Draft | None:
         "For every {p}, compute the {agg} {cc} across its {chs}."))
 def join_group_aggregate(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("num")))
+    if e is None:
+        return None
     cc = s.col(e.child, "num")
-    fn, agg, aggn = _agg(s, cc)
+    fn, agg, aggn = pick_aggregate(s, cc)
     frm, ca, pa = _from(e)
     sql = (
         f"SELECT {pa}.{e.parent.display.name}, {fn}({ca}.{cc.name}) {frm} "
@@ -188,7 +195,7 @@ def join_category_aggregate(s: Sampler) -> Draft | None:
     if e is None:
         return None
     cc, g = s.col(e.child, "num"), s.col(e.parent, "cat")
-    fn, agg, aggn = _agg(s, cc, ("AVG", "SUM", "MAX"))
+    fn, agg, aggn = pick_aggregate(s, cc, ("AVG", "SUM", "MAX"))
     frm, ca, pa = _from(e)
     sql = f"SELECT {pa}.{g.name}, {fn}({ca}.{cc.name}) {frm} GROUP BY {pa}.{g.name}"
     slots = _slots(s, e, cc=s.label(e.child, cc), g=s.label(e.parent, g), agg=agg, aggn=aggn)
@@ -223,6 +230,8 @@ def parent_in_subquery(s: Sampler) -> Draft | None:
         "Find {ps} that never appear in the {chs} table."))
 def parent_without_child(s: Sampler) -> Draft | None:
     e = s.edge()
+    if e is None:
+        return None
     p = e.parent
     sql = (
         f"SELECT {p.display.name} FROM {p.name} WHERE {p.pk.name} NOT IN "
@@ -239,6 +248,8 @@ def parent_without_child(s: Sampler) -> Draft | None:
         "Find {ps} that appear in at least {k} {chs}."))
 def parent_with_many(s: Sampler) -> Draft | None:
     e = s.edge()
+    if e is None:
+        return None
     p = e.parent
     k = s.min_group(Counter(r[e.fk.name] for r in s.rows[e.child.name]))
     sql = (
@@ -249,14 +260,15 @@ def parent_with_many(s: Sampler) -> Draft | None:
     return Draft(sql, _slots(s, e, k=k), p.person)
 
 
-def _two_parents(s: Sampler, need_cat_in_a: bool = True):
-    """A child with two foreign keys: (child, fk to a, a, fk to b, b) with a having a category."""
+def _two_parents(s: Sampler) -> tuple | None:
+    """A child with two foreign keys, joined to both parents a and b, and a value of a category
+    of a: (FROM clause, alias of a, alias of b, a, b, the category, its value, slots)."""
     t = s.table("fk", "fk")
     if t is None:
         return None
     fa, fb = s.rng.sample(t.cols("fk"), 2)
     a, b = s.domain.table(fa.ref), s.domain.table(fb.ref)
-    if need_cat_in_a and not a.cols("cat"):
+    if not a.cols("cat"):
         fa, fb, a, b = fb, fa, b, a
         if not a.cols("cat"):
             return None
@@ -301,6 +313,8 @@ def two_joins_where(s: Sampler) -> Draft | None:
         "@Who are the {k} {ps} with the most {chs}?"))
 def top_parents_by_count(s: Sampler) -> Draft | None:
     e = s.edge()
+    if e is None:
+        return None
     k = s.rng.choice([3, 5])
     frm, _, pa = _from(e)
     sql = (
@@ -349,6 +363,8 @@ def top_parents_in_year(s: Sampler) -> Draft | None:
         "sorted by the average in descending order."))
 def parents_having_order(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("num")))
+    if e is None:
+        return None
     cc = s.col(e.child, "num")
     k = s.min_group(Counter(r[e.fk.name] for r in s.rows[e.child.name]))
     frm, ca, pa = _from(e)
@@ -369,6 +385,8 @@ def parents_having_order(s: Sampler) -> Draft | None:
         "Find {ps} with at least one {ch} whose {cc} exceeds the average {ch} {cc}."))
 def parents_above_average(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("num")))
+    if e is None:
+        return None
     cc = s.col(e.child, "num")
     frm, ca, pa = _from(e)
     sql = (

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 
 from pipelines.data.patterns import (
-    AGGREGATES,
     COMPARISONS,
     MONTHS_EN,
     Draft,
@@ -24,15 +23,10 @@ from pipelines.data.patterns import (
     lit,
     particle,
     pattern,
+    pick_aggregate,
 )
-from pipelines.data.schema import Column
 
 TABLE_PATTERNS: list[Pattern] = []
-
-
-def _agg(s: Sampler, c: Column) -> tuple[str, Label, Label]:
-    fn = s.rng.choice([f for f in AGGREGATES if c.summable or f != "SUM"])
-    return (fn, *AGGREGATES[fn])
 
 
 # --- easy ----------------------------------------------------------------------------------------
@@ -73,6 +67,8 @@ def project(s: Sampler) -> Draft | None:
         "@Who are the {ts} with {c} '{v}'?"))
 def where_eq(s: Sampler) -> Draft | None:
     t = s.table("cat")
+    if t is None:
+        return None
     c, d = s.col(t, "cat"), t.display
     v = s.value(t, c)
     sql = f"SELECT {d.name} FROM {t.name} WHERE {c.name} = {lit(v)}"
@@ -86,6 +82,8 @@ def where_eq(s: Sampler) -> Draft | None:
         "Find every {t} with {c} {op} {v} and list its {d} and {c}."))
 def where_cmp(s: Sampler) -> Draft | None:
     t = s.table("num")
+    if t is None:
+        return None
     c, d = s.col(t, "num"), t.display
     op = s.rng.choice(list(COMPARISONS))
     v = s.quantile(t, c)
@@ -101,6 +99,8 @@ def where_cmp(s: Sampler) -> Draft | None:
         "Show {ts} whose {c} is between {a} and {b}, inclusive."))
 def where_between(s: Sampler) -> Draft | None:
     t = s.table("num")
+    if t is None:
+        return None
     c, d = s.col(t, "num"), t.display
     a, b = s.quantile(t, c, 0.1, 0.45), s.quantile(t, c, 0.55, 0.9)
     if a == b or (a, b) == (s.values(t, c)[0], s.values(t, c)[-1]):
@@ -118,6 +118,8 @@ def where_between(s: Sampler) -> Draft | None:
         "List all {ts} where the {c} is one of '{a}' and '{b}'."))
 def where_in(s: Sampler) -> Draft | None:
     t = s.table("cat")
+    if t is None:
+        return None
     c, d = s.col(t, "cat"), t.display
     options = s.distinct(t, c)
     if len(options) < 3:
@@ -134,6 +136,8 @@ def where_in(s: Sampler) -> Draft | None:
         "List every {t} whose {d} {how}.", "@Who are the {ts} whose {d} {how}?"))
 def where_like(s: Sampler) -> Draft | None:
     t = s.table("name")
+    if t is None:
+        return None
     d = t.cols("name")[0]
     v = str(s.value(t, d))
     words = [w for w in v.split() if len(w) > 1 and w.isalpha()] if " " in v else []
@@ -157,10 +161,11 @@ def where_like(s: Sampler) -> Draft | None:
     en=("Which {ts} have their {c} {state}?", "Show the {d} of {ts} whose {c} is {state}.",
         "List every {t} with the {c} {state}."))
 def where_null(s: Sampler) -> Draft | None:
-    t = s.table(pred=lambda t: any(c.null > 0 for c in t.columns))
+    roles = ("text", "cat", "num", "date")  # a table whose only NULLs are in other roles is skipped
+    t = s.table(pred=lambda t: any(c.null > 0 for c in t.cols(*roles)))
     if t is None:
         return None
-    c, d = s.col(t, "text", "cat", "num", "date", nullable=True), t.display
+    c, d = s.col(t, *roles, nullable=True), t.display
     missing = s.rng.random() < 0.5
     state = Label("비어 있는", "missing") if missing else Label("입력되어 있는", "filled in")
     cond = "IS NULL" if missing else "IS NOT NULL"
@@ -175,6 +180,8 @@ def where_null(s: Sampler) -> Draft | None:
         "List the {ts} with {c_a} {when}."))
 def date_cmp(s: Sampler) -> Draft | None:
     t = s.table("date")
+    if t is None:
+        return None
     c, d = s.col(t, "date"), t.display
     years = sorted({int(str(v)[:4]) for v in s.values(t, c)})
     if len(years) < 2:
@@ -196,6 +203,8 @@ def date_cmp(s: Sampler) -> Draft | None:
         "Show each {c} that appears among the {ts}, without duplicates."))
 def distinct(s: Sampler) -> Draft | None:
     t = s.table("cat")
+    if t is None:
+        return None
     c = s.col(t, "cat")
     return Draft(f"SELECT DISTINCT {c.name} FROM {t.name}", s.slots(t, c=c))
 
@@ -222,8 +231,10 @@ def count_all(s: Sampler) -> Draft | None:
         "Tell me the {agg} {c} among the {ts}."))
 def aggregate(s: Sampler) -> Draft | None:
     t = s.table("num")
+    if t is None:
+        return None
     c = s.col(t, "num")
-    fn, agg, aggn = _agg(s, c)
+    fn, agg, aggn = pick_aggregate(s, c)
     return Draft(f"SELECT {fn}({c.name}) FROM {t.name}", s.slots(t, c=c, agg=agg, aggn=aggn))
 
 
@@ -235,9 +246,11 @@ def aggregate(s: Sampler) -> Draft | None:
         "Among {ts} with {g_a} of '{v}', what is the {agg} {c}?"))
 def aggregate_where(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
+    if t is None:
+        return None
     c, g = s.col(t, "num"), s.col(t, "cat")
     v = s.value(t, g)
-    fn, agg, aggn = _agg(s, c)
+    fn, agg, aggn = pick_aggregate(s, c)
     sql = f"SELECT {fn}({c.name}) FROM {t.name} WHERE {g.name} = {lit(v)}"
     return Draft(sql, s.slots(t, c=c, g=g, v=v, agg=agg, aggn=aggn))
 
@@ -249,6 +262,8 @@ def aggregate_where(s: Sampler) -> Draft | None:
         "What is the number of {ts} with {g_a} of '{v}'?"))
 def count_where(s: Sampler) -> Draft | None:
     t = s.table("cat")
+    if t is None:
+        return None
     g = s.col(t, "cat")
     v = s.value(t, g)
     sql = f"SELECT COUNT(*) FROM {t.name} WHERE {g.name} = {lit(v)}"
@@ -264,8 +279,13 @@ def count_where(s: Sampler) -> Draft | None:
         "List {ts} whose {g} is '{v}' and whose {c} is {op} {x}."))
 def where_and(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
+    if t is None:
+        return None
     c, g, d = s.col(t, "num"), s.col(t, "cat"), t.display
-    row = s.rng.choice([r for r in s.rows[t.name] if r[c.name] is not None and r[g.name]])
+    rows = [r for r in s.rows[t.name] if r[c.name] is not None and r[g.name]]
+    if not rows:
+        return None
+    row = s.rng.choice(rows)
     op = s.rng.choice([">=", "<="])
     v, x = row[g.name], row[c.name]
     sql = f"SELECT {d.name} FROM {t.name} WHERE {g.name} = {lit(v)} AND {c.name} {op} {lit(x)}"
@@ -279,6 +299,8 @@ def where_and(s: Sampler) -> Draft | None:
         "Show the number of {ts} per {g}."))
 def group_count(s: Sampler) -> Draft | None:
     t = s.table("cat")
+    if t is None:
+        return None
     g = s.col(t, "cat")
     sql = f"SELECT {g.name}, COUNT(*) FROM {t.name} GROUP BY {g.name}"
     return Draft(sql, s.slots(t, g=g))
@@ -291,8 +313,10 @@ def group_count(s: Sampler) -> Draft | None:
         "For every {g}, give the {agg} {c} of its {ts}."))
 def group_aggregate(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
+    if t is None:
+        return None
     c, g = s.col(t, "num"), s.col(t, "cat")
-    fn, agg, aggn = _agg(s, c)
+    fn, agg, aggn = pick_aggregate(s, c)
     sql = f"SELECT {g.name}, {fn}({c.name}) FROM {t.name} GROUP BY {g.name}"
     return Draft(sql, s.slots(t, c=c, g=g, agg=agg, aggn=aggn))
 
@@ -306,6 +330,8 @@ def group_aggregate(s: Sampler) -> Draft | None:
         "List each {g} with {k} or more {ts}, along with the number."))
 def group_having(s: Sampler) -> Draft | None:
     t = s.table("cat")
+    if t is None:
+        return None
     g = s.col(t, "cat")
     k = s.min_group(Counter(s.values(t, g)))
     sql = f"SELECT {g.name}, COUNT(*) FROM {t.name} GROUP BY {g.name} HAVING COUNT(*) >= {k}"
@@ -322,6 +348,8 @@ def group_having(s: Sampler) -> Draft | None:
         "@Who are the {k} {ts} with the {hl} {c}?"))
 def order_limit(s: Sampler) -> Draft | None:
     t = s.table(pred=lambda t: any(c.null == 0 for c in t.cols("num", "date")))
+    if t is None:
+        return None
     c, d = s.col(t, "num", "date", nullable=False), t.display
     desc = s.rng.random() < 0.6
     hl = extreme(c, desc)
@@ -337,6 +365,8 @@ def order_limit(s: Sampler) -> Draft | None:
         "What is the number of {ts} with {c_a} during {y}?"))
 def date_year_count(s: Sampler) -> Draft | None:
     t = s.table("date")
+    if t is None:
+        return None
     c = s.col(t, "date")
     y = s.year(t, c)
     sql = (
@@ -355,6 +385,8 @@ def date_year_count(s: Sampler) -> Draft | None:
         "Which {ts} have {c_a} in {mon} {y}? Sort them by {c}."))
 def date_month(s: Sampler) -> Draft | None:
     t = s.table("date")
+    if t is None:
+        return None
     c, d = s.col(t, "date"), t.display
     y, m = (int(x) for x in str(s.value(t, c))[:7].split("-"))
     end = f"{y + 1}-01-01" if m == 12 else f"{y}-{m + 1:02d}-01"

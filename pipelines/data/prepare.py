@@ -15,7 +15,6 @@ import filecmp
 import json
 import logging
 import random
-import re
 import shutil
 from collections import Counter
 from pathlib import Path

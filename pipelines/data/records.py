@@ -18,7 +18,8 @@ FIELDS = (
 )
 DIFFICULTIES = ("easy", "medium", "hard", "extra")
 
-_HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")  # jamo, compatibility jamo, syllables
+# Hangul jamo, compatibility jamo and syllables.
+_HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
 _PUNCT = re.compile(r"[^\w\s]")
 
 

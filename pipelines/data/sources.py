@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field

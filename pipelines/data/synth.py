@@ -4,7 +4,8 @@ For each domain in `pipelines.data.domains` it builds `databases/<domain>.sqlite
 primary and foreign keys, Korean and English Faker values), then samples question/SQL pairs from
 the patterns in `patterns_table` and `patterns_join` with values taken from the rows. Every gold
 query is executed through `pipelines.sql.execute`: queries that fail are dropped, and queries with
-an empty result are kept only up to 10% of a domain. Everything is deterministic for a seed.
+an empty result are kept only up to `synth.max_empty_share` of a domain. The mix of
+difficulties is `synth.difficulty_weights`. Everything is deterministic for a seed.
 
 Run as the DVC stage `synth` (`python -m pipelines.data.synth`) or call `run()` directly.
 Output: `<out_dir>/examples.jsonl` (id, db_id, domain, lang, question, sql, difficulty, source)
@@ -42,9 +43,6 @@ log = logging.getLogger(__name__)
 
 PATTERNS: tuple[Pattern, ...] = (*TABLE_PATTERNS, *JOIN_PATTERNS)
 LANGS = ("ko", "en")
-# Roughly Spider's dev-set mix, a little heavier on hard/extra so they are learnt.
-DIFFICULTY_WEIGHTS = {"easy": 0.25, "medium": 0.35, "hard": 0.25, "extra": 0.15}
-MAX_EMPTY_SHARE = 0.10  # empty results teach little and make execution accuracy trivial
 SQL_TIMEOUT_S = 2.0
 MAX_ATTEMPTS_PER_EXAMPLE = 40  # give up on a domain whose patterns cannot produce more variety
 LOCALES = {"ko": "ko_KR", "en": "en_US"}
@@ -221,19 +219,20 @@ def generate_examples(
     rows: dict[str, list[dict]],
     db_path: Path,
     n: int,
-    langs: list[str],
+    cfg: SynthConfig,
     seed: int,
 ) -> tuple[list[dict], dict]:
-    """`n` examples whose gold SQL runs on `db_path`, languages alternating over `langs`."""
+    """`n` examples whose gold SQL runs on `db_path`, languages alternating over `cfg.langs`,
+    difficulties drawn by `cfg.difficulty_weights`."""
     rng = random.Random(_seed(seed, domain.name, "examples"))
     sampler = Sampler(domain, rows, rng)
     by_difficulty = {d: [p for p in PATTERNS if p.difficulty == d] for d in DIFFICULTIES}
-    weights = [DIFFICULTY_WEIGHTS[d] for d in DIFFICULTIES]
+    weights = [cfg.difficulty_weights[d] for d in DIFFICULTIES]
     results: dict[str, sqlmod.ExecResult] = {}  # the same SQL often comes with new wording
     questions: set[str] = set()
     examples: list[dict] = []
     counts = Counter()
-    max_empty = int(n * MAX_EMPTY_SHARE)
+    max_empty = int(n * cfg.max_empty_share)
     difficulty, tries = "", 0
     for _ in range(n * MAX_ATTEMPTS_PER_EXAMPLE):
         if len(examples) >= n:
@@ -247,7 +246,7 @@ def generate_examples(
         draft = pat.build(sampler)
         if draft is None:
             continue
-        lang = langs[len(examples) % len(langs)]
+        lang = cfg.langs[len(examples) % len(cfg.langs)]
         question = pat.question(draft, lang, rng)
         if question in questions:
             counts["duplicate"] += 1
@@ -301,6 +300,11 @@ def run(cfg: SynthConfig, seed: int, out_dir: Path) -> dict:
     bad_langs = sorted(set(cfg.langs) - set(LANGS))
     if bad_langs or not cfg.langs:
         raise ValueError(f"synth langs must be a non-empty subset of {LANGS}, got {cfg.langs}")
+    if set(cfg.difficulty_weights) != set(DIFFICULTIES):
+        raise ValueError(
+            f"synth difficulty_weights must weigh exactly {DIFFICULTIES}, "
+            f"got {sorted(cfg.difficulty_weights)}"
+        )
     out_dir = Path(out_dir)
     # The folder is a DVC output: nothing from an earlier run (a dropped domain) may survive.
     shutil.rmtree(out_dir / "databases", ignore_errors=True)
@@ -314,7 +318,7 @@ def run(cfg: SynthConfig, seed: int, out_dir: Path) -> dict:
         rows = generate_rows(domain, seed)
         write_database(domain, rows, db_path)
         domain_examples, counts = generate_examples(
-            domain, rows, db_path, cfg.examples_per_domain, list(cfg.langs), seed
+            domain, rows, db_path, cfg.examples_per_domain, cfg, seed
         )
         examples += domain_examples
         n_empty += counts.pop("empty", 0)

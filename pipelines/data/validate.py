@@ -21,7 +21,6 @@ import logging
 import shutil
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -33,8 +32,7 @@ import sqlglot
 from sqlglot import exp
 
 from pipelines.config import ValidateConfig, load_params, setup_entry_point
-from pipelines.data.records import question_key
-from pipelines.data.records import DIFFICULTIES, FIELDS, read_jsonl
+from pipelines.data.records import DIFFICULTIES, FIELDS, question_key, read_jsonl
 from pipelines.sql import DIALECT, UnsafeSQL, execute, guard, missing_refs, normalize, schema_of
 
 if TYPE_CHECKING:

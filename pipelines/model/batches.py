@@ -2,17 +2,27 @@
 
 Every batch is drawn from one schema (one DDL text: a database or one of its renamed variants),
 so its examples share the system line and the DDL; the train step runs that shared prefix once
-(`shared_prefix_len`). Used by the `train` stage and by `make bench`.
+(`shared_prefix_len`). `prepare_examples` turns the prepared train split into the `train`
+stage's examples: dev split held out, feedback repeated, schemas renamed, tokenized, scheduled.
+Used by the `train` stage and by `make bench`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from pipelines.config import TrainConfig
+from pipelines.data.augment import augment
+from pipelines.data.records import read_jsonl
 from pipelines.model.prompt import build_completion, build_prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # label of positions without loss (prompt and padding)
 
@@ -113,3 +123,45 @@ def collate(
     share = share_prefix and len(examples) > 1
     prefix = torch.tensor(shared_prefix_len(examples) if share else 0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prefix_len": prefix}
+
+
+@dataclass
+class TrainData:
+    """The tokenized examples and the order the loop takes them in."""
+
+    examples: list[Example]  # training examples: feedback repeated, schemas renamed, tokenized
+    dropped: int  # training records longer than max_length
+    dev: list[Example]  # in-domain examples held out for the eval loss
+    dev_batches: list[list[int]]  # indices into `dev`, one DDL per batch
+    schedule: list[list[int]]  # indices into `examples`, one list per micro-batch of the run
+
+
+def prepare_examples(
+    cfg: TrainConfig, seed: int, prepared_dir: Path, tok: PreTrainedTokenizerBase
+) -> TrainData:
+    """The tokenized train and dev examples of `prepared_dir/train.jsonl` and the order the
+    loop takes them in."""
+    records = read_jsonl(prepared_dir / "train.jsonl")
+    train_records, dev_records = split_dev(records, cfg.dev_examples, seed)
+    train_records = repeat_feedback(train_records, cfg.feedback_repeat)
+    train_records = augment(
+        train_records,
+        cfg.schema_augment,
+        cfg.schema_variants,
+        seed,
+        cfg.schema_p_table,
+        cfg.schema_p_column,
+    )
+    examples, dropped, kept = tokenize(train_records, tok, cfg.max_length)
+    if not examples:
+        raise ValueError(f"no training examples fit max_length={cfg.max_length}")
+    dev, _, dev_kept = tokenize(dev_records, tok, cfg.max_length)
+    groups = [r["ddl"] for r in kept]  # one DDL per batch: its prefix is run once
+    n_micro = cfg.max_steps * cfg.grad_accum
+    return TrainData(
+        examples=examples,
+        dropped=dropped,
+        dev=dev,
+        dev_batches=group_batches([r["ddl"] for r in dev_kept], cfg.batch_size),
+        schedule=batch_schedule(groups, cfg.batch_size, n_micro, seed),
+    )

@@ -30,10 +30,10 @@ import sqlglot
 
 from pipelines.config import DecodingConfig
 from pipelines.model.grammar import schema_grammar
+from pipelines.model.prompt import STOP  # the end of the first statement (end of turn too)
 from pipelines.sql import UnsafeSQL, execute, extract_sql, missing_refs, parse, schema_of
 
 log = logging.getLogger(__name__)
-STOP = [";"]  # the end of the first statement; end of turn (eos) stops every backend too
 SAMPLE_SEED = 0  # sampled candidates are reproducible run to run
 # Plain greedy decoding, as sqlops always decoded: what generation-speed benches compare with a
 # greedy baseline, and a `Text2SQL` built without a `decoding:` block (tests).

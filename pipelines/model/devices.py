@@ -5,7 +5,9 @@ with one thread per core. With `train.num_processes > 1` (or an `train.accelerat
 `train` entry point re-launches itself through `accelerate launch`: one process per GPU (gloo
 processes on a machine without one), DDP by default, FSDP or DeepSpeed by an
 `infra/accelerate/*.yaml` file. `Processes` is what the training loop needs of them: its shard
-of each batch, gradient sync, reductions for logging, and which rank writes.
+of each batch, gradient sync, reductions for logging, and which rank writes; `place` adds the
+device, precision and prefix sharing this process trains with. `lora_config` is the adapter
+that training and `make bench` put on the base model.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from peft import LoraConfig
 
 from pipelines.config import ROOT, TrainConfig, resolve
 
@@ -114,6 +118,17 @@ def load_for_training(base_dir: Path, quantization: str, device: torch.device):
     model, tok = load_base(base_dir, quantization_config=bnb, device_map={"": index})
     # No gradient checkpointing: it turns the KV cache off, which the shared DDL prefix needs.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tok
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    """The adapter `train:` describes, for training and `make bench` alike."""
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def accelerate_config(cfg: TrainConfig) -> Path:
@@ -226,3 +241,25 @@ class Processes:
     def end(self) -> None:
         if self.acc:
             self.acc.end_training()  # destroys the process group
+
+
+@dataclass
+class Placement:
+    """Where this process trains and with which precision."""
+
+    procs: Processes  # this process among those training the model
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 autocast, or None for fp32
+    share_prefix: bool  # a batch's shared system + DDL prefix runs once
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+
+def place(cfg: TrainConfig) -> Placement:
+    """Where and how this process trains, from `train:` and the launch (if any)."""
+    procs = Processes(cfg.grad_accum)
+    device, autocast_dtype = pick_device(cfg.precision, procs.device, procs.world)
+    return Placement(procs, device, autocast_dtype, shares_prefix(cfg.shared_prefix, device))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipelines.model.decoding import Candidate
+from pipelines.model.prompt import STOP
 from pipelines.sql import extract_sql
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def generate_sql(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            stop_strings=[";"],
+            stop_strings=STOP,
             tokenizer=tok,
             pad_token_id=tok.pad_token_id,
             **kwargs,
@@ -190,7 +191,7 @@ def generate_candidates(
     model.eval()
     compiled: dict = {}
     candidates, start = [], time.monotonic()
-    common = {"max_new_tokens": max_new_tokens, "stop_strings": [";"], "tokenizer": tok,
+    common = {"max_new_tokens": max_new_tokens, "stop_strings": STOP, "tokenizer": tok,
               "pad_token_id": tok.pad_token_id, "return_dict_in_generate": True,
               "output_logits": True}  # fmt: skip
     for prompt, grammar in zip(prompts, grammars, strict=True):

@@ -15,6 +15,9 @@ INSTRUCTION = (
     "using only the tables and columns defined in the DDL."
 )
 TEMPLATE = "### DDL:\n{ddl}\n\n### Question:\n{question}\n\n### SQL:\n"
+# Where generation ends: the first statement's `;` (the training target ends there, then end of
+# turn). Every backend and the server stop on it.
+STOP = [";"]
 
 
 def build_prompt(ddl: str, question: str, tokenizer: Any | None = None) -> str:
@@ -32,4 +35,4 @@ def build_prompt(ddl: str, question: str, tokenizer: Any | None = None) -> str:
 def build_completion(sql: str, tokenizer: Any | None = None) -> str:
     """The training target after the prompt: the SQL, one `;`, then end of turn."""
     eos = getattr(tokenizer, "eos_token", None) or ""
-    return f"{sql.strip().rstrip(';')};{eos}"
+    return f"{sql.strip().rstrip(';')}{STOP[0]}{eos}"

@@ -121,14 +121,14 @@ class Reference:
     domains: dict[str, str]  # db_id → domain
 
 
-def load_reference(train_path: Path) -> Reference:
+def load_reference(train_path: Path, seed: int) -> Reference:
     """Signal columns of the training questions. Their OOV rate is cross-fitted (each half
     against the other half's vocabulary), so that new in-distribution questions, which carry
     unseen values and names too, do not look drifted."""
     train = pd.read_json(train_path, lines=True, dtype=False)
     tokens = words(train["question"])
     # Random halves: the file's order is structured (languages alternate row by row).
-    halves = np.random.default_rng(0).permutation(len(train)) % 2
+    halves = np.random.default_rng(seed).permutation(len(train)) % 2
     vocab_of = [{t for ts in tokens[halves == h] for t in ts} for h in (0, 1)]
     oov = np.empty(len(train))
     for h in (0, 1):
@@ -299,7 +299,7 @@ def run(
     until = time.time() if now is None else now
     since = until - cfg.window_hours * 3600
     window = InferenceLog(log_url).window(since, until)
-    ref = load_reference(train_path)
+    ref = load_reference(train_path, seed)
     result = check(cfg, ref, window, report_dir, seed, since, until)
     result.seconds = round(time.monotonic() - start, 3)
     log.info(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from pipelines.config import SynthConfig
 from pipelines.data.domains import DOMAINS
 from pipelines.data.records import question_key
 from pipelines.data.synth import generate_examples, generate_rows
@@ -27,15 +28,16 @@ log = logging.getLogger(__name__)
 def fresh_questions(
     domains: list[str],
     n_per_domain: int,
-    langs: list[str],
+    cfg: SynthConfig,
     data_seed: int,
     question_seed: int,
     databases: Path,
     known: list[dict],
 ) -> list[dict]:
     """Up to `n_per_domain` questions per domain with gold SQL, none of whose wording or SQL
-    occurs in `known` (the prepared examples). `data_seed` must be the seed that built the
-    databases (values are drawn from the same rows); `question_seed` makes them new."""
+    occurs in `known` (the prepared examples), in the languages and mix of `cfg` (params.yaml
+    `synth:`). `data_seed` must be the seed that built the databases (values are drawn from
+    the same rows); `question_seed` makes them new."""
     seen_q = {question_key(r["question"]) for r in known}
     seen_sql = {normalize(r["sql"]) for r in known}
     out: list[dict] = []
@@ -47,7 +49,7 @@ def fresh_questions(
             generate_rows(domain, data_seed),
             databases / f"{name}.sqlite",
             4 * n_per_domain,
-            langs,
+            cfg,
             question_seed,
         )
         fresh = (d for d in drafts if question_key(d["question"]) not in seen_q)

@@ -23,6 +23,7 @@ import openai
 
 from pipelines.config import ServingConfig
 from pipelines.model.decoding import Candidate
+from pipelines.model.prompt import STOP
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,24 @@ class BackendUnavailable(RuntimeError):
 
 def vllm_url(cfg: ServingConfig) -> str:
     return os.environ.get("SQLOPS_VLLM_URL") or f"http://{cfg.host}:{cfg.vllm_port}/v1"
+
+
+def vllm_headers() -> dict[str, str]:
+    """vLLM's own API key (`SQLOPS_VLLM_API_KEY`, when its server was started with one), on
+    every call: completions, health, adapter loads."""
+    key = os.environ.get("SQLOPS_VLLM_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def load_adapter(http: httpx.Client, root: str, name: str, path: str) -> None:
+    """Load a LoRA adapter into a running vLLM (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); a name
+    already loaded is fine (names are immutable per version). Raises RuntimeError when refused."""
+    body = {"lora_name": name, "lora_path": str(path)}
+    r = http.post(f"{root}/v1/load_lora_adapter", json=body, headers=vllm_headers())
+    if r.status_code == 400 and "already" in r.text:
+        return
+    if r.status_code != 200:
+        raise RuntimeError(f"vLLM refused to load {name}: {r.status_code} {r.text[:300]}")
 
 
 class VLLMCompletions:
@@ -111,36 +130,23 @@ class VLLMCompletions:
 
     async def _reload(self, model: str, adapter_path: str) -> None:
         root = self.base_url.removesuffix("/v1")
-        body = {"lora_name": model, "lora_path": adapter_path}
+
+        def load() -> None:
+            with httpx.Client(timeout=self.timeout_s) as http:
+                load_adapter(http, root, model, adapter_path)
+
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as c:
-                r = await c.post(f"{root}/v1/load_lora_adapter", json=body)
+            await asyncio.to_thread(load)
         except httpx.HTTPError as e:
             raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
-        if r.status_code != 200 and "already" not in r.text:
-            raise BackendUnavailable(
-                f"model {model} is not loaded and reloading it failed: {r.text}"
-            )
+        except RuntimeError as e:
+            raise BackendUnavailable(f"model {model} is not loaded; reloading failed: {e}") from e
         log.warning("reloaded adapter %s into the model server", model)
 
     async def _complete(self, model: str, prompt: str) -> str:
-        try:
-            r = await self._client().completions.create(
-                model=model,
-                prompt=prompt,
-                max_tokens=self.max_new_tokens,
-                temperature=0.0,
-                stop=[";"],
-            )
-        except openai.APITimeoutError as e:
-            raise BackendUnavailable(f"model server timed out: {e}") from e
-        except openai.APIConnectionError as e:
-            raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
-        except openai.NotFoundError:
-            raise
-        except openai.APIStatusError as e:
-            raise BackendUnavailable(f"model server error {e.status_code}: {e.message}") from e
-        return r.choices[0].text if r.choices else ""
+        greedy = {"n": 1, "temperature": 0.0, "max_tokens": self.max_new_tokens, "stop": STOP}
+        out = await self._request(model, prompt, greedy)
+        return out[0].text if out else ""
 
     async def health(self) -> str | None:
         """None when the server answers, else the reason."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -125,9 +124,3 @@ class InferenceLog:
             q = q.where(requests.c.ts < until)
         with self.engine.connect() as conn:
             return pd.read_sql(q, conn)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file behind a sqlite URL (None for other databases)."""
-    url = sqlite_url(url)
-    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None

@@ -28,7 +28,7 @@ import httpx
 
 from pipelines.config import ROOT, Params
 from pipelines.model.devices import vllm_dtype
-from pipelines.serving.backend import vllm_url
+from pipelines.serving.backend import load_adapter, vllm_headers, vllm_url
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class VLLMAdmin:
 
     def __init__(self, base_url: str, timeout_s: float = 120.0):
         self.root = base_url.rstrip("/").removesuffix("/v1")
-        self.http = httpx.Client(timeout=timeout_s)
+        self.http = httpx.Client(timeout=timeout_s, headers=vllm_headers())
 
     def healthy(self) -> bool:
         try:
@@ -67,14 +67,8 @@ class VLLMAdmin:
         self.load(name, adapter)
 
     def load(self, name: str, path: Path) -> None:
-        """Load an adapter; a name already loaded is fine (names are immutable per version)."""
-        r = self.http.post(
-            f"{self.root}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
-        )
-        if r.status_code == 400 and "already" in r.text:
-            return
-        if r.status_code != 200:
-            raise RuntimeError(f"vLLM refused to load {name}: {r.status_code} {r.text[:300]}")
+        """Load an adapter beside the others (pipelines/serving/backend.py `load_adapter`)."""
+        load_adapter(self.http, self.root, name, str(path))
 
     def unload(self, name: str) -> None:
         r = self.http.post(f"{self.root}/v1/unload_lora_adapter", json={"lora_name": name})

@@ -1,0 +1,183 @@
+"""What the `train` stage trains and the loop that trains it.
+
+`build_model_and_optimizer` puts fresh LoRA adapters on the base model and sets up AdamW with
+its warmup/decay schedule (a `Trainable`). `train_loop` runs the optimizer steps over a
+`batches.TrainData` on a `devices.Placement`: micro-batches, gradient sync and clipping, train
+and eval metrics, early stopping, periodic checkpoints. It extends a `History` (fresh or
+restored from a checkpoint) and returns it; tracking and checkpoint files are callbacks, so
+the loop runs alone in a test. `pipelines.model.train` wires these into the stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import get_peft_model
+
+from pipelines.config import TrainConfig
+from pipelines.model import devices
+from pipelines.model.batches import Example, TrainData, collate
+from pipelines.model.loss import CompletionLoss, eval_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def should_stop(dev_history: list[float], patience: int) -> bool:
+    """Early stopping: the last `patience` evals all failed to beat the best before them."""
+    if patience <= 0 or len(dev_history) <= patience:
+        return False
+    return min(dev_history[-patience:]) >= min(dev_history[:-patience])
+
+
+@dataclass
+class Trainable:
+    """The model being trained and what updates it."""
+
+    model: torch.nn.Module  # the base model with LoRA adapters (peft)
+    tok: PreTrainedTokenizerBase
+    params: list[torch.nn.Parameter]  # the LoRA weights: optimized, clipped, counted
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    loss_module: torch.nn.Module  # CompletionLoss(model); accelerate wraps it when launched
+    fused: bool  # AdamW's fused kernel (CUDA)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate factor of a step: linear warmup, then linear decay to 0."""
+    warmup = max(1, int(cfg.max_steps * cfg.warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+
+    return factor
+
+
+def build_model_and_optimizer(cfg: TrainConfig, base_dir: Path, device: torch.device) -> Trainable:
+    """The base model with fresh LoRA adapters on `device`, AdamW and the warmup/decay schedule."""
+    model, tok = devices.load_for_training(base_dir, cfg.quantization, device)
+    model = get_peft_model(model, devices.lora_config(cfg))
+    if cfg.quantization == "none":  # 4-bit weights were loaded onto the device
+        model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
+    optim = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
+    return Trainable(model, tok, params, optim, sched, CompletionLoss(model), fused)
+
+
+@dataclass
+class History:
+    """How far training got: restored from a checkpoint, extended by `train_loop`."""
+
+    step: int = 0  # optimizer steps done
+    losses: list[float] = field(default_factory=list)  # train loss of every step
+    eval_losses: list[float] = field(default_factory=list)  # dev loss of every evaluation
+    resumed_at: int = 0  # the step this process started from (a checkpoint's)
+    tokens: int = 0  # example tokens this process trained on
+    seconds: float = 0.0  # this process's time in the loop
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def untracked(metrics: dict[str, float], step: int) -> None:
+    """Where metrics go on ranks other than 0 and in tests: nowhere."""
+
+
+def train_loop(
+    cfg: TrainConfig,
+    net: Trainable,
+    data: TrainData,
+    where: devices.Placement,
+    history: History,
+    log_metrics: Callable[[dict[str, float], int], None] = untracked,
+    checkpoint: Callable[[History], None] | None = None,
+) -> History:
+    """Optimizer steps from `history.step` to `cfg.max_steps` or an early stop. Train metrics
+    go to `log_metrics` every `log_every` steps, the dev loss every `eval_every`; `checkpoint`
+    is called every `checkpoint_every` steps. Returns `history`, extended."""
+    net.loss_module.train()
+    start = time.monotonic()
+    window_start, window_tokens = start, 0
+    while history.step < cfg.max_steps:
+        if should_stop(history.eval_losses, cfg.early_stopping_patience):
+            break
+        loss, grad_norm, n_tokens = _optimizer_step(cfg, net, data, where, history.step)
+        history.step += 1
+        history.losses.append(loss)
+        history.tokens += n_tokens
+        window_tokens += n_tokens
+        step = history.step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.monotonic()
+            tps = window_tokens / max(now - window_start, 1e-9)
+            window_start, window_tokens = now, 0
+            lr = net.sched.get_last_lr()[0]
+            metrics = {"train_loss": loss, "learning_rate": lr, "grad_norm": grad_norm}
+            log_metrics({**metrics, "tokens_per_s": tps}, step)
+            msg = "step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s"
+            log.info(msg, step, cfg.max_steps, loss, lr, grad_norm, tps)
+        if data.dev and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            with where.autocast():
+                dev_batches = [_batch(data.dev, b, net.tok, where) for b in data.dev_batches]
+                dev_loss = eval_loss(net.loss_module, dev_batches)
+            dev_loss = where.procs.mean(dev_loss)  # one value on every rank: they stop together
+            history.eval_losses.append(dev_loss)
+            log_metrics({"eval_loss": dev_loss}, step)
+            msg = "step %d/%d eval loss %.4f (%d dev examples)"
+            log.info(msg, step, cfg.max_steps, dev_loss, len(data.dev))
+        if checkpoint and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            checkpoint(history)
+    history.seconds = time.monotonic() - start
+    return history
+
+
+def _optimizer_step(
+    cfg: TrainConfig, net: Trainable, data: TrainData, where: devices.Placement, step: int
+) -> tuple[float, float, int]:
+    """Optimizer step `step` over its `grad_accum` micro-batches: (the global batch's loss, the
+    gradient norm before clipping, the example tokens trained on)."""
+    procs, examples = where.procs, data.examples
+    loss_sum, n_tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        idxs = data.schedule[step * cfg.grad_accum + micro]
+        mine, weight = procs.shard(idxs)
+        batch = _batch(examples, mine, net.tok, where)
+        with procs.micro_step(net.loss_module):
+            with where.autocast():
+                loss, n = net.loss_module(batch)
+            # This rank's part of the global batch's mean over its SQL tokens (1 with one
+            # process); the all-reduce averages ranks, hence the `world` factor.
+            n_sql = sum(len(examples[i].input_ids) - examples[i].n_prompt for i in idxs)
+            share = weight * n / n_sql
+            procs.backward(loss * (share * procs.world) if procs.world > 1 else loss)
+        loss_sum += loss.item() * share / cfg.grad_accum
+        # Example tokens trained on (as in `make bench`), not the fewer ones computed.
+        n_tokens += sum(len(examples[i].input_ids) for i in idxs)
+    loss_sum = procs.sum(loss_sum)
+    grad_norm = procs.clip_grad_norm(net.loss_module, net.params, cfg.grad_clip)
+    net.optim.step()
+    net.sched.step()
+    net.optim.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, n_tokens
+
+
+def _batch(
+    pool: list[Example], idxs: list[int], tok: PreTrainedTokenizerBase, where: devices.Placement
+) -> dict[str, torch.Tensor]:
+    batch = collate([pool[i] for i in idxs], tok.pad_token_id, where.share_prefix)
+    return {k: v.to(where.device) for k, v in batch.items()}
