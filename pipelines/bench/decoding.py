@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -86,10 +87,14 @@ def served(
     from pipelines.serving.backend import VLLMCompletions, vllm_url
     from pipelines.serving.routing import Route
     from pipelines.serving.service import Text2SQL
-    from pipelines.serving.vllm_server import VLLMAdmin, ensure_vllm, stop_background
+    from pipelines.serving.vllm_server import ensure_vllm, stop_background
 
+    # A private server on a free loopback port: never someone else's vLLM with its own models.
+    with socket.socket() as sock:
+        sock.bind((p.serving.host, 0))
+        port = sock.getsockname()[1]
+    p = p.replace(serving={"vllm_port": port}, paths={"run_dir": p.path("run_dir") / "exp-vllm"})
     cfg = p.serving.model_copy(update={"cache_size": 0})
-    was_up = VLLMAdmin(vllm_url(cfg)).healthy()  # a running server is used and left running
     admin = ensure_vllm(p)
     try:
         name = "text2sql-decoding-exp"
@@ -127,8 +132,7 @@ def served(
             run_load(lambda i: sender(greedy, 0)(missing[i]), len(missing), CONCURRENCY)
         admin.unload(name)
     finally:
-        if not was_up:
-            stop_background("vllm", p.path("run_dir"))
+        stop_background("vllm", p.path("run_dir"))
     out = {k: merge(v) for k, v in runs.items()}
     for k in kinds:
         out[k]["p50_vs_greedy"] = out[k]["p50_ms"] / max(out[greedy]["p50_ms"], 1e-9)
