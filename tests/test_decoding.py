@@ -33,11 +33,16 @@ from tests.fake_vllm import FakeVLLM
 
 P = load_params()
 DECODING = P.decoding.model_copy(update={"n": 4, "grammar": True, "selection": "vote"})
-xgr = pytest.importorskip("xgrammar", reason="pip install xgrammar (the grammar's matcher)")
+
+
+def xgrammar():
+    """xgrammar (the grammar's matcher; in .venv-vllm with vLLM, and pip-installable here)."""
+    return pytest.importorskip("xgrammar", reason="pip install xgrammar (the grammar's matcher)")
 
 
 def matcher(grammar: str):
     """accepts(sql) for one grammar, compiled once (no tokenizer: characters only)."""
+    xgr = xgrammar()
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(
         grammar
     )
@@ -237,6 +242,7 @@ def test_transformers_candidates_follow_the_grammar(tiny_base_dir, prepared_dir)
     dbs = [prepared_dir / "databases" / f"{r['db_id']}.sqlite" for r in records]
     grammars = [grammar_for(db, DECODING) for db in dbs]
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
+    xgr = xgrammar()
     d = DECODING.model_copy(update={"n": 3})
     gen = generate_candidates(model, tok, prompts, grammars, d, 12)
     assert [len(c) for c in gen.candidates] == [3, 3]
