@@ -20,6 +20,7 @@ sqlops flow demo             the closed loop: traffic, drift, feedback, retraini
 sqlops prefect serve         serve the training + monitoring deployments to a Prefect server
 sqlops experiment lora-rank  train + evaluate at LoRA ranks 8/16/64, one table (seed book)
 sqlops experiment precision  the same for fp32 vs bf16 autocast
+sqlops experiment decoding   greedy / + grammar / + n candidates / + both, and gateway latency
 sqlops eval --dataset spider:<dir> --model models:/<name>@champion|base [--model ...]
                              score registered versions / the base model on a Spider-format set
 """
@@ -208,6 +209,15 @@ def cmd_prefect(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from pipelines.bench import experiment
 
+    if args.name == "decoding":
+        from pipelines.bench import decoding
+
+        table = decoding.run(
+            load_params(), args.split, args.n, args.adapter, args.requests, not args.no_serving
+        )
+        print(table.read_text())
+        print(f"written to {table}")
+        return 0
     variants = (
         experiment.lora_rank_variants(args.ranks)
         if args.name == "lora-rank"
@@ -265,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     pf = sub.add_parser("prefect", help="serve the Prefect deployments (needs PREFECT_API_URL)")
     pf.add_argument("action", choices=["serve"])
     ex = sub.add_parser("experiment", help="run a training experiment")
-    ex.add_argument("name", choices=["lora-rank", "precision"])
+    ex.add_argument("name", choices=["lora-rank", "precision", "decoding"])
     ex.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64], help="ranks (lora-rank)")
     ex.add_argument("--steps", type=int, help="steps per rank (default: train.max_steps)")
+    ex.add_argument("--split", default="eval.jsonl", help="decoding: the prepared split file")
+    ex.add_argument("--n", type=int, default=5, help="decoding: candidates of the n rows")
+    ex.add_argument("--adapter", type=Path, help="decoding: adapter (default: paths.adapter)")
+    ex.add_argument("--requests", type=int, default=32, help="decoding: gateway requests")
+    ex.add_argument("--no-serving", action="store_true", help="decoding: offline rows only")
     ev = sub.add_parser("eval", help="evaluate a registered model or the base model on a dataset")
     ev.add_argument("--dataset", required=True, help="spider:<dir> (a Spider-format folder)")
     ev.add_argument(

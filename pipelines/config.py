@@ -142,6 +142,25 @@ class JudgeConfig(_Block):
     only_execution_failures: bool  # judge only what execution marks wrong (cheaper; no kappa)
 
 
+class BackendSpeed(_Block):
+    vllm_start_s: float  # vLLM engine start-up (weights, KV cache, warm-up), seconds
+    vllm_tok_s: float  # vLLM generation in bf16 (native bf16 hardware), tokens/s
+    vllm_fp32_tok_s: float  # vLLM generation in fp32 (machines without native bf16), tokens/s
+    transformers_tok_s: float  # transformers batched generation, tokens/s
+    tokens_per_candidate: int  # mean generated tokens per candidate (tuned model: SQL + `;`)
+
+
+class DecodingConfig(_Block):
+    n: int  # candidates per question (1 = the greedy answer alone, nothing executed to choose)
+    temperature: float  # sampling temperature of candidates 2..n (the first is greedy)
+    selection: Literal["vote", "score", "first"]  # vote: largest group of equal results, ties
+    # by score; score: best cumulative log-probability; first: first that executes (greedy first)
+    grammar: (
+        bool  # constrain decoding by the database's schema grammar (pipelines/model/grammar.py)
+    )
+    max_join_tables: int  # the grammar's largest join (tables in one FROM clause)
+
+
 class EvaluateConfig(_Block):
     max_examples: int  # deterministic sample of the eval split (0 = all)
     batch_size: int  # prompts per generation batch
@@ -149,8 +168,8 @@ class EvaluateConfig(_Block):
     sql_timeout_s: float  # per-query execution limit
     float_tolerance: float  # relative tolerance when comparing result values
     bootstrap_samples: int  # resamples for the 95% interval of execution accuracy
-    backend: Literal["auto", "vllm", "transformers"]  # generation backend (auto: vLLM if installed)
-    vllm_min_prompts: int  # auto uses vLLM from this many prompts on (its start-up costs ~30 s)
+    backend: Literal["auto", "vllm", "transformers"]  # generation backend (auto: the faster here)
+    speed: BackendSpeed  # auto: the figures it compares (measured, params.yaml)
     vllm_max_num_seqs: int  # vLLM max_num_seqs: sequences decoded together
     vllm_timeout_s: float  # an offline vLLM run taking longer is abandoned (auto: transformers)
     judge: JudgeConfig
@@ -227,6 +246,9 @@ class DemoConfig(_Block):
 class VLLMConfig(_Block):
     max_model_len: int  # prompt + generated tokens, offline and served (--max-model-len)
     kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE of every vLLM process on CPU
+    dtype: Literal["auto", "bfloat16", "float32"]  # auto: bf16 where the hardware has it (CUDA,
+    # AVX512-BF16/AMX), float32 elsewhere (emulated bf16 was 4-5x slower: stack-notes)
+    cpu_threads_bind: str  # VLLM_CPU_OMP_THREADS_BIND on CPU ("auto" = vLLM's own binding)
 
 
 class MlflowConfig(_Block):
@@ -245,6 +267,7 @@ class Params(_Block):
     validate_: ValidateConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    decoding: DecodingConfig
     registry: RegistryConfig
     serving: ServingConfig
     monitoring: MonitoringConfig

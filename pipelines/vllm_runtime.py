@@ -25,6 +25,8 @@ class VLLMRuntime:
     merged_root: Path  # paths.merged_models: adapters merged into the base weights
     kvcache_gb: int  # VLLM_CPU_KVCACHE_SPACE
     max_model_len: int  # prompt + generated tokens
+    dtype: str = "auto"  # vllm.dtype: auto = bf16 where the hardware has it (devices.vllm_dtype)
+    cpu_threads_bind: str = "auto"  # vllm.cpu_threads_bind: VLLM_CPU_OMP_THREADS_BIND
 
     @classmethod
     def of(cls, p: Params) -> VLLMRuntime:
@@ -35,6 +37,8 @@ class VLLMRuntime:
             merged_root=p.path("merged_models"),
             kvcache_gb=p.vllm.kvcache_gb,
             max_model_len=p.vllm.max_model_len,
+            dtype=p.vllm.dtype,
+            cpu_threads_bind=p.vllm.cpu_threads_bind,
         )
 
     @property
@@ -53,6 +57,7 @@ class VLLMRuntime:
         env = dict(os.environ)
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")  # the vllm-cpu distribution needs it said
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kvcache_gb))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_threads_bind)
         env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
         env.setdefault("VLLM_CACHE_ROOT", str(self.cache))  # not ~/.cache/vllm
         return env

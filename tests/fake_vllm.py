@@ -46,6 +46,7 @@ class FakeVLLM:
         self.delay_s = 0.0  # added to every completion (load tests)
         self.fail_for: set[str] = set()  # models whose completions return 500
         self.api_key: str | None = None  # as vLLM's --api-key: required on /v1/* when set
+        self.bodies: list[dict] = []  # every completions request body, in arrival order
         self.port = 0
         self._server: LoopbackServer | None = None
         self.app = self._build_app()
@@ -103,14 +104,24 @@ class FakeVLLM:
             m = _QUESTION.search(body["prompt"])
             question = m.group(1).strip() if m else ""
             self.calls[model] += 1
+            self.bodies.append(body)
             text = self.model_answers.get(model, {}).get(question)
             text = self.answers.get(question, "SELECT 1") if text is None else text
+            # n completions of the oracle's text; with `logprobs`, one token scored -1 each.
+            lp = None
+            if body.get("logprobs") is not None:
+                lp = {"tokens": [text], "token_logprobs": [-1.0], "top_logprobs": None,
+                      "text_offset": [0]}  # fmt: skip
+            choices = [
+                {"index": i, "text": text, "finish_reason": "stop", "logprobs": lp}
+                for i in range(body.get("n", 1))
+            ]
             return {
                 "id": "cmpl-fake",
                 "object": "text_completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                "choices": choices,
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
 

@@ -16,6 +16,7 @@ from pipelines.data.records import read_jsonl
 from pipelines.model import backends
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer, pick_backend
 from pipelines.model.base import load_base
+from pipelines.model.decoding import GREEDY
 from pipelines.model.generate import generate_sql
 from pipelines.model.merge import INFO_FILE, merged_model_dir
 from pipelines.model.prompt import build_prompt
@@ -70,11 +71,23 @@ def test_merged_model_gives_the_peft_models_logits_and_is_cached(tiny_base_dir, 
     assert merged_model_dir(tiny_base_dir, other, tmp_path / "merged") != merged
 
 
-def test_backend_choice():
-    auto = CFG.model_copy(update={"backend": "auto", "vllm_min_prompts": 32})
-    assert pick_backend(auto, 64, None)[0] == "vllm"
-    backend, why = pick_backend(auto, 8, None)
-    assert backend == "transformers" and "vllm_min_prompts" in why
+def test_backend_choice_by_expected_time():
+    """auto: vLLM once its start-up is paid back by its speed, at the dtype it runs in here."""
+    speed = P.evaluate.speed.model_copy(
+        update={
+            "vllm_start_s": 60,
+            "vllm_tok_s": 300,
+            "vllm_fp32_tok_s": 50,
+            "transformers_tok_s": 60,
+        }  # fmt: skip
+    )
+    auto = CFG.model_copy(update={"backend": "auto", "speed": speed})
+    # 60 + t/300 < t/60 from t = 4500 tokens on.
+    assert pick_backend(auto, 6000, None, "bfloat16")[0] == "vllm"
+    backend, why = pick_backend(auto, 3000, None, "bfloat16")
+    assert backend == "transformers" and "evaluate.speed" in why
+    # fp32 vLLM (no native bf16) is slower than transformers here: never worth its start-up.
+    assert pick_backend(auto, 10**6, None, "float32")[0] == "transformers"
     assert pick_backend(auto, 64, "vLLM is not installed") == (
         "transformers",
         "vLLM is not installed",
@@ -107,10 +120,11 @@ def test_a_failing_vllm_falls_back_to_transformers(
     spec = ModelSpec(tiny_base_dir, adapter)
     tok = load_tokenizer(tiny_base_dir)
     prompts = _prompts(tok, prepared_dir)
-    cfg = CFG.model_copy(update={"backend": "auto", "vllm_min_prompts": 1})
+    fast = P.evaluate.speed.model_copy(update={"vllm_start_s": 0, "vllm_fp32_tok_s": 10**6})
+    cfg = CFG.model_copy(update={"backend": "auto", "speed": fast})
 
     with caplog.at_level(logging.WARNING, logger="pipelines.model.backends"):
-        gen = generate(spec, tok, prompts, cfg, vllm)
+        gen = generate(spec, tok, prompts, cfg, vllm, P.decoding)
     assert "falling back to transformers" in caplog.text and "vllm" in caplog.text.lower()
     model, _ = load_base(tiny_base_dir, adapter)
     assert gen.backend == "transformers"
@@ -118,7 +132,7 @@ def test_a_failing_vllm_falls_back_to_transformers(
     assert pick_backend(cfg, 64, backends.vllm_problem(vllm))[1].startswith("vLLM failed earlier")
     monkeypatch.setattr(backends, "_vllm_failed", [])
     with pytest.raises(RuntimeError, match="vLLM exited"):
-        generate(spec, tok, prompts, cfg.model_copy(update={"backend": "vllm"}), vllm)
+        generate(spec, tok, prompts, cfg.model_copy(update={"backend": "vllm"}), vllm, P.decoding)
 
 
 @pytest.mark.slow
@@ -143,7 +157,7 @@ def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     prompts = _prompts(tok, prepared_dir)
     cfg = CFG.model_copy(update={"backend": "vllm"})
 
-    gen = generate(spec, tok, prompts, cfg, runtime(tmp_path, max_model_len=1024))
+    gen = generate(spec, tok, prompts, cfg, runtime(tmp_path, max_model_len=1024), GREEDY)
     assert gen.backend == "vllm" and len(gen.texts) == len(gen.sql) == len(prompts)
     assert 0 < gen.new_tokens <= len(prompts) * cfg.max_new_tokens and gen.tokens_per_s > 0
     assert gen.load_seconds > 0

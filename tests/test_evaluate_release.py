@@ -16,6 +16,7 @@ from pipelines.eval import evaluate, external
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model import train
 from pipelines.model.base import load_base
+from pipelines.model.decoding import GREEDY
 from pipelines.model.generate import generate_sql
 from pipelines.model.prompt import build_prompt
 from pipelines.release import registry
@@ -93,6 +94,7 @@ def test_evaluate_writes_the_output_contract(
         prepared_dir,
         p.path("judge_cache"),
         VLLMRuntime.of(p),
+        GREEDY,
     )
     assert metrics["n_examples"] == 10 and len(rows) == 20
     assert "selection" not in metrics  # the fixture has no selection split
@@ -142,7 +144,7 @@ def test_evaluate_scores_the_tuned_model_on_the_selection_split(
     _train(p)
     metrics, rows = evaluate.run(
         p.evaluate, 0, tiny_base_dir, p.path("adapter"), prepared_dir, p.path("judge_cache"),
-        VLLMRuntime.of(p),
+        VLLMRuntime.of(p), GREEDY,
     )  # fmt: skip
     picked = metrics["selection"]
     assert picked["domains"] == ["game"] and picked["n_examples"] == 4

@@ -164,15 +164,18 @@ def flag_pairs(args: list[str]) -> dict[str, str | None]:
 
 def test_vllm_flags_match_the_local_server_and_params():
     local = flag_pairs(vllm_command(P))
-    expected = {k: v for k, v in local.items() if k not in ("--model", "--host")}
+    # --dtype follows the hardware (vllm.dtype auto): bf16 on the GPU images, fp32 by default
+    # on the CPU image (SQLOPS_VLLM_DTYPE for hosts with native bf16).
+    expected = {k: v for k, v in local.items() if k not in ("--model", "--host", "--dtype")}
     k8s = K8S[("Deployment", "vllm")]["spec"]["template"]["spec"]["containers"][0]
-    for where, args in (
-        ("compose vllm", SERVICES["vllm"]["command"]),
-        ("compose vllm-cpu", SERVICES["vllm-cpu"]["command"]),
-        ("k8s vllm", k8s["args"]),
+    for where, args, dtype in (
+        ("compose vllm", SERVICES["vllm"]["command"], "bfloat16"),
+        ("compose vllm-cpu", SERVICES["vllm-cpu"]["command"], "${SQLOPS_VLLM_DTYPE:-float32}"),
+        ("k8s vllm", k8s["args"], "bfloat16"),
     ):
         got = flag_pairs(args)
         assert {k: got.get(k, "missing") for k in expected} == expected, where
+        assert got.get("--dtype") == dtype, where
         assert "/app/models/base" in args, where  # same path as the worker's adapters
     assert k8s["image"] == SERVICES["vllm"]["image"]
     port = str(P.serving.vllm_port)

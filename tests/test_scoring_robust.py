@@ -16,6 +16,7 @@ from pipelines.data.records import read_jsonl
 from pipelines.eval.evaluate import evaluate_models, gold_results
 from pipelines.eval.metrics import score_example
 from pipelines.model.backends import ModelSpec
+from pipelines.model.decoding import GREEDY
 from pipelines.vllm_runtime import VLLMRuntime
 from tests.conftest import GAME_DDL, GAME_ROWS, make_db
 
@@ -57,7 +58,7 @@ def test_finished_models_predictions_survive_a_later_crash(tmp_path, tiny_base_d
     with pytest.raises(FileNotFoundError):
         evaluate_models(
             models, records, gold, db_dir, cfg, 0, tmp_path / "judge.sqlite",
-            VLLMRuntime.of(P), predictions,
+            VLLMRuntime.of(P), GREEDY, predictions,
         )  # fmt: skip
     written = read_jsonl(predictions)
     assert [r["model"] for r in written] == ["first", "first"]

@@ -30,6 +30,7 @@ from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl, sample_records
 from pipelines.model import backends, batches, devices
 from pipelines.model.base import load_base
+from pipelines.model.decoding import GREEDY
 from pipelines.model.generate import generate_sql
 from pipelines.model.loss import completion_loss
 from pipelines.model.prompt import STOP, build_prompt
@@ -187,7 +188,7 @@ def bench_generation(p: Params, n_prompts: int = 64, max_new_tokens: int = 64) -
     base_sql = [extract_sql(t) for t in base_texts]
 
     start = time.monotonic()
-    gen = backends.generate(spec, tok, prompts, cfg, VLLMRuntime.of(p))
+    gen = backends.generate(spec, tok, prompts, cfg, VLLMRuntime.of(p), GREEDY)
     total = time.monotonic() - start  # merge (first time) + engine start-up + generation
     same = sum(a == b for a, b in zip(gen.sql, base_sql, strict=True)) / len(prompts)
     return _write(

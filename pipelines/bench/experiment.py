@@ -68,7 +68,7 @@ def run(
             cfg, p.seed, p.path("base_model"), prepared, adapter, work / "checkpoint", p.mlflow
         )
         spec = ModelSpec(p.path("base_model"), adapter)
-        scored, _ = evaluate_model(spec, records, gold, db_dir, p.evaluate, vllm)
+        scored, _ = evaluate_model(spec, records, gold, db_dir, p.evaluate, vllm, p.decoding)
         accuracy = sum(r["execution_match"] for r in scored) / len(scored)
         loss = heldout_loss(p, adapter, heldout, cfg.precision)
         rows.append(

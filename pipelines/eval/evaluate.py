@@ -1,7 +1,8 @@
 """The `evaluate` stage: base vs fine-tuned model on the held-out eval split.
 
-For each model: greedy generation through `pipelines.model.backends` (offline vLLM on the
-merged weights when installed, transformers batched otherwise; `evaluate.backend`), then every
+For each model: generation through `pipelines.model.backends` (offline vLLM on the merged
+weights or transformers; `evaluate.backend`) with the gateway's decoding (params.yaml
+`decoding:`, `pipelines.model.decoding`: candidates, grammar, choice by execution), then every
 predicted query is guarded and executed read-only against the example's database and compared
 with the gold result (execution accuracy), normalised and compared as text (exact match), and,
 when an OpenAI-compatible endpoint is configured, judged by an LLM (every example, or with
@@ -24,12 +25,20 @@ import pandas as pd
 
 import mlflow
 from pipelines import sql as sqlmod
-from pipelines.config import EvaluateConfig, Params, load_params, setup_entry_point
+from pipelines.config import (
+    DecodingConfig,
+    EvaluateConfig,
+    Params,
+    load_params,
+    setup_entry_point,
+)
 from pipelines.data.records import read_jsonl, sample_records, write_jsonl
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
 from pipelines.eval.metrics import disagreements, score_example, summarize
 from pipelines.eval.report import ReportPaths, model_names, write_report
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer
+from pipelines.model.decoding import choose, grammar_for
+from pipelines.model.generate import Generation
 from pipelines.model.prompt import build_prompt
 from pipelines.tracking import configure_mlflow
 from pipelines.vllm_runtime import VLLMRuntime
@@ -44,14 +53,19 @@ def evaluate_model(
     db_dir: Path,
     cfg: EvaluateConfig,
     vllm: VLLMRuntime,
-) -> tuple[list[dict], float]:
-    """Scored prediction rows for one model, and its generation speed (tokens/s)."""
+    decoding: DecodingConfig,
+) -> tuple[list[dict], Generation]:
+    """Scored prediction rows for one model, and its generation (speed, start-up, backend)."""
     tok = load_tokenizer(spec.base_dir)
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
-    gen = generate(spec, tok, prompts, cfg, vllm)
+    dbs = [db_dir / f"{r['db_id']}.sqlite" for r in records]
+    grammars = [grammar_for(db, decoding) for db in dbs]
+    gen = generate(spec, tok, prompts, cfg, vllm, decoding, grammars)
     rows = []
-    for r, g, text, pred_sql in zip(records, gold, gen.texts, gen.sql, strict=True):
-        pred = sqlmod.execute(db_dir / f"{r['db_id']}.sqlite", pred_sql, cfg.sql_timeout_s)
+    for r, g, db, cands in zip(records, gold, dbs, gen.candidates, strict=True):
+        choice = choose(cands, db, decoding, cfg.sql_timeout_s)
+        pred_sql, text = choice.sql, choice.text
+        pred = sqlmod.execute(db, pred_sql, cfg.sql_timeout_s)
         rows.append(
             {
                 "id": r["id"],
@@ -63,10 +77,13 @@ def evaluate_model(
                 "gold_sql": r["sql"],
                 "pred_sql": pred_sql,
                 "raw_output": text,
+                "n_candidates": choice.n_candidates,
+                "n_executed": choice.n_executed,
+                "fallback": choice.fallback,
                 **score_example(r["sql"], g, pred_sql, pred, cfg.float_tolerance),
             }
         )
-    return rows, gen.tokens_per_s
+    return rows, gen
 
 
 def apply_judge(
@@ -112,6 +129,7 @@ def evaluate_models(
     seed: int,
     judge_cache: Path,
     vllm: VLLMRuntime,
+    decoding: DecodingConfig,
     predictions: Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate, score and judge every model on the same examples; one model in memory at a
@@ -122,7 +140,7 @@ def evaluate_models(
     the judge failing loses only what was not finished."""
     all_rows, speed = [], {}
     for name, load in models.items():
-        rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg, vllm)
+        rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg, vllm, decoding)
         all_rows += [{"model": name, **row} for row in rows]
         if predictions is not None:
             predictions.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +177,7 @@ def run(
     prepared_dir: Path,
     judge_cache: Path,
     vllm: VLLMRuntime,
+    decoding: DecodingConfig,
     predictions: Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """(metrics in the eval.json shape, prediction rows of both models). The tuned model is
@@ -172,12 +191,14 @@ def run(
     }
     records, gold = split_with_gold(prepared_dir, "eval", cfg, seed)
     metrics, rows = evaluate_models(
-        models, records, gold, db_dir, cfg, seed, judge_cache, vllm, predictions
+        models, records, gold, db_dir, cfg, seed, judge_cache, vllm, decoding, predictions
     )
     selection, gold = split_with_gold(prepared_dir, "selection", cfg, seed)
     if selection:
         tuned = {"tuned": models["tuned"]}
-        picked, _ = evaluate_models(tuned, selection, gold, db_dir, cfg, seed, judge_cache, vllm)
+        picked, _ = evaluate_models(
+            tuned, selection, gold, db_dir, cfg, seed, judge_cache, vllm, decoding
+        )
         domains = sorted({r["domain"] for r in selection})
         metrics["selection"] = {"domains": domains, "n_examples": len(selection)} | {
             "tuned": picked["tuned"]
@@ -275,6 +296,7 @@ def main() -> None:
         p.path("prepared"),
         p.path("judge_cache"),
         VLLMRuntime.of(p),
+        p.decoding,
         p.path("predictions"),
     )
     paths = report_paths(p)

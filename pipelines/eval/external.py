@@ -140,6 +140,7 @@ def run(
         p.seed,
         p.path("judge_cache"),
         VLLMRuntime.of(p),
+        p.decoding,
         paths.predictions,
     )
     metrics["dataset"] = {"spec": dataset, "gold_errors": len(bad)}

@@ -1,20 +1,22 @@
 """One generation interface, two backends: offline vLLM when it is installed, transformers else.
 
-`generate(spec, tok, prompts, cfg, vllm)` returns a `Generation` (raw texts, extracted SQL, tokens,
-seconds) whichever backend ran; `evaluate`, `sqlops eval`, the experiments and `make bench` all
-call it. `evaluate.backend` picks:
+`generate(spec, tok, prompts, cfg, vllm, decoding, grammars)` returns a `Generation` (raw
+texts, extracted SQL, every prompt's candidates, tokens, seconds) whichever backend ran;
+`evaluate`, `sqlops eval`, the experiments and `make bench` all call it, and the candidates
+go through `pipelines.model.decoding.choose` (as the gateway's do). `evaluate.backend` picks:
 
 - `vllm`: `.venv-vllm/bin/python pipelines/model/vllm_offline.py` in a subprocess (vLLM's pins
-  conflict with this venv's), greedy, bf16, on the adapter merged into the base weights
-  (`pipelines.model.merge`; on CPU vLLM runs plain weights ~3.4x faster than base + LoRA);
-- `transformers`: `pipelines.model.generate.generate_sql` in this process (batched, left
-  padding, shared-prefix KV cache);
-- `auto`: vLLM when `make serve-setup` installed it and there are at least
-  `evaluate.vllm_min_prompts` prompts (its engine start-up, ~30 s on 2 cores, would cost more
-  than it saves on fewer); if the vLLM run fails, a warning and transformers instead.
+  conflict with this venv's), on the adapter merged into the base weights
+  (`pipelines.model.merge`; on CPU vLLM runs plain weights ~3.4x faster than base + LoRA), in
+  bf16 where the hardware has it and fp32 elsewhere (`vllm.dtype`, `devices.vllm_dtype`);
+- `transformers`: `pipelines.model.generate` in this process (greedy: batched, left padding,
+  shared-prefix KV cache; candidates or a grammar: per prompt, xgrammar's logits processor);
+- `auto`: the one expected to finish first for this many tokens: vLLM's engine start-up plus
+  tokens at its speed for the dtype it gets here, against transformers' speed
+  (`evaluate.speed`, measured figures); if the vLLM run fails, a warning and transformers.
 
-Both backends get the same token ids and stop after the first `;` or at end of turn, and their
-output goes through the same `extract_sql`.
+Both backends get the same token ids and the same requests (`decoding.engine_requests`), stop
+after the first `;` or at end of turn, and their output goes through the same `extract_sql`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from pipelines.config import ROOT, EvaluateConfig
-from pipelines.model.generate import Generation, generate_sql
+from pipelines.config import ROOT, DecodingConfig, EvaluateConfig
+from pipelines.model.decoding import Candidate, engine_requests
+from pipelines.model.devices import vllm_dtype
+from pipelines.model.generate import Generation, generate_candidates, generate_sql
 from pipelines.model.merge import merged_model_dir
-from pipelines.model.prompt import STOP
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
@@ -70,8 +73,22 @@ def vllm_problem(vllm: VLLMRuntime) -> str | None:
     return None
 
 
-def pick_backend(cfg: EvaluateConfig, n_prompts: int, problem: str | None) -> tuple[str, str]:
-    """(backend, the reason, for the log); `problem` is what `vllm_problem()` says."""
+def expected_seconds(cfg: EvaluateConfig, n_tokens: int, dtype: str) -> dict[str, float]:
+    """Expected wall time per backend for `n_tokens` generated tokens (`evaluate.speed`); vLLM
+    in fp32 runs at its fp32 figure (a machine without native bf16)."""
+    s = cfg.speed
+    vllm_tok_s = s.vllm_tok_s if dtype == "bfloat16" else s.vllm_fp32_tok_s
+    return {
+        "vllm": s.vllm_start_s + n_tokens / vllm_tok_s,
+        "transformers": n_tokens / s.transformers_tok_s,
+    }
+
+
+def pick_backend(
+    cfg: EvaluateConfig, n_tokens: int, problem: str | None, dtype: str = "bfloat16"
+) -> tuple[str, str]:
+    """(backend, the reason, for the log); `problem` is what `vllm_problem()` says, `n_tokens`
+    the tokens expected (prompts x candidates x `speed.tokens_per_candidate`)."""
     if cfg.backend == "transformers":
         return "transformers", "evaluate.backend is transformers"
     if cfg.backend == "vllm":
@@ -80,26 +97,25 @@ def pick_backend(cfg: EvaluateConfig, n_prompts: int, problem: str | None) -> tu
         return "vllm", "evaluate.backend is vllm"
     if problem:
         return "transformers", problem
-    if n_prompts < cfg.vllm_min_prompts:
-        return "transformers", (
-            f"{n_prompts} prompts < evaluate.vllm_min_prompts ({cfg.vllm_min_prompts}): "
-            "vLLM's engine start-up would cost more than it saves"
-        )
-    return "vllm", "vLLM is installed: offline vLLM on merged weights is the fastest here"
+    t = expected_seconds(cfg, n_tokens, dtype)
+    figures = f"~{n_tokens} tokens: vLLM {dtype} ~{t['vllm']:.0f} s incl. start-up, " \
+        f"transformers ~{t['transformers']:.0f} s (evaluate.speed)"  # fmt: skip
+    if t["vllm"] < t["transformers"]:
+        return "vllm", f"expected faster: {figures}"
+    return "transformers", f"expected faster: {figures}"
 
 
 def generate_vllm(
-    model_dir: Path, token_ids: list[list[int]], cfg: EvaluateConfig, vllm: VLLMRuntime
+    model_dir: Path, requests: list[dict], cfg: EvaluateConfig, vllm: VLLMRuntime
 ) -> dict:
-    """Run vllm_offline.py on the prompts' token ids; its result dict (raises when it fails)."""
+    """Run vllm_offline.py on engine requests (`decoding.engine_requests`); its result dict
+    (raises when it fails)."""
     request = {
         "model": str(model_dir),
-        "dtype": "bfloat16",
+        "dtype": vllm_dtype(vllm.dtype),
         "max_model_len": vllm.max_model_len,
         "max_num_seqs": cfg.vllm_max_num_seqs,
-        "max_new_tokens": cfg.max_new_tokens,
-        "stop": STOP,
-        "prompt_token_ids": token_ids,
+        "requests": requests,
     }
     vllm.run_dir.mkdir(parents=True, exist_ok=True)
     out = vllm.run_dir / "vllm-offline.log"  # the last run's vLLM output, kept for a look
@@ -119,30 +135,53 @@ def generate_vllm(
 
 
 def generate(
-    spec: ModelSpec, tok, prompts: list[str], cfg: EvaluateConfig, vllm: VLLMRuntime
+    spec: ModelSpec,
+    tok,
+    prompts: list[str],
+    cfg: EvaluateConfig,
+    vllm: VLLMRuntime,
+    decoding: DecodingConfig,
+    grammars: list[str | None] | None = None,
 ) -> Generation:
-    """Greedy SQL for every prompt, from the backend `evaluate.backend` picks."""
-    backend, why = pick_backend(cfg, len(prompts), vllm_problem(vllm))
+    """Every prompt's candidates (`decoding`; `grammars`: one per prompt, or None) from the
+    backend `evaluate.backend` picks; `texts`/`sql` hold the first (greedy) candidate's."""
+    grammars = grammars or [None] * len(prompts)
+    dtype = vllm_dtype(vllm.dtype)
+    n_tokens = len(prompts) * decoding.n * cfg.speed.tokens_per_candidate
+    backend, why = pick_backend(cfg, n_tokens, vllm_problem(vllm), dtype)
     log.info("generation backend: %s (%s)", backend, why)
     if backend == "vllm":
         token_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        per_prompt = [
+            engine_requests(ids, g, decoding, cfg.max_new_tokens)
+            for ids, g in zip(token_ids, grammars, strict=True)
+        ]
+        flat = [r for reqs in per_prompt for r in reqs]
         try:
-            out = generate_vllm(spec.vllm_model_dir(vllm.merged_root), token_ids, cfg, vllm)
+            out = generate_vllm(spec.vllm_model_dir(vllm.merged_root), flat, cfg, vllm)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             if cfg.backend == "vllm":
                 raise
             _vllm_failed.append(str(e).splitlines()[0])
             log.warning("vLLM generation failed, falling back to transformers: %s", e)
         else:
-            result = Generation.of(out["texts"], sum(out["new_tokens"]), out["seconds"], "vllm")
+            outputs, candidates = iter(out["outputs"]), []
+            for reqs in per_prompt:
+                cands = [Candidate(o["text"], o["logprob"], o["tokens"])
+                         for _ in reqs for o in next(outputs)]  # fmt: skip
+                candidates.append(cands)
+            result = Generation.from_candidates(candidates, out["seconds"], "vllm")
             log.info(
-                "generated %d prompts, %d tokens in %.1f s (%.0f tok/s; vLLM %s bf16, engine "
-                "start-up %.1f s)", len(prompts), result.new_tokens, result.seconds,
-                result.tokens_per_s, out["vllm_version"], out["load_seconds"],
+                "generated %d prompts x %d candidates, %d tokens in %.1f s (%.0f tok/s; vLLM %s "
+                "%s, engine start-up %.1f s)", len(prompts), decoding.n, result.new_tokens,
+                result.seconds, result.tokens_per_s, out["vllm_version"], dtype,
+                out["load_seconds"],
             )  # fmt: skip
             result.load_seconds = out["load_seconds"]
             return result
     from pipelines.model.base import load_base
 
     model, _ = load_base(spec.base_dir, spec.adapter_dir)
-    return generate_sql(model, tok, prompts, cfg.batch_size, cfg.max_new_tokens)
+    if decoding.n == 1 and not any(grammars):
+        return generate_sql(model, tok, prompts, cfg.batch_size, cfg.max_new_tokens)
+    return generate_candidates(model, tok, prompts, grammars, decoding, cfg.max_new_tokens)

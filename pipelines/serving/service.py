@@ -1,4 +1,5 @@
-"""The request path without HTTP: question + db_id → prompt → model server → SQL → guard →
+"""The request path without HTTP: question + db_id → prompt → model server (the decoding's
+candidates, pipelines/model/decoding.py: grammar, n, choice by execution) → SQL → guard →
 optional bounded read-only execution, with an exact-match response cache and Prometheus metrics.
 
 `Text2SQL.answer(...)` returns an `Answer` (HTTP status, body, inference-log row); the gateway
@@ -8,6 +9,7 @@ optional bounded read-only execution, with an exact-match response cache and Pro
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -20,14 +22,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.config import Params, ServingConfig
+from pipelines.config import DecodingConfig, Params, ServingConfig
 from pipelines.data.records import valid_db_id
 from pipelines.data.schema_fit import fit_schema
+from pipelines.model.decoding import GREEDY, choose, engine_requests, grammar_for
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
 from pipelines.serving.routing import Route
-from pipelines.sql import ExecResult, UnsafeSQL, ddl_of, execute, extract_sql, guard, json_rows
+from pipelines.sql import ExecResult, UnsafeSQL, ddl_of, execute, guard, json_rows
 
+log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60)
 
 
@@ -119,8 +123,16 @@ class Answer:
 class Text2SQL:
     """The request path without HTTP: shared by the app and the deployment smoke test."""
 
-    def __init__(self, cfg: ServingConfig, databases: Path, tokenizer: Any, backend: Any):
+    def __init__(
+        self,
+        cfg: ServingConfig,
+        databases: Path,
+        tokenizer: Any,
+        backend: Any,
+        decoding: DecodingConfig = GREEDY,
+    ):
         self.cfg, self.databases, self.tok, self.backend = cfg, databases, tokenizer, backend
+        self.decoding = decoding  # params.yaml `decoding:`, as evaluation decodes
         self.cache = ResponseCache(cfg.cache_size)
         self.metrics = GatewayMetrics()
         # db_id → (file identity when read, DDL): a database replaced on disk (a new `prepare`)
@@ -189,19 +201,35 @@ class Text2SQL:
         key = (route.model, db_id, casefold_question(question))
         sql = self.cache.get(key) if use_cache else None
         row["cache_hit"] = sql is not None
-        upstream_s = 0.0
+        upstream_s, chosen = 0.0, {}
         if sql is None:
+            db_path = self.databases / f"{db_id}.sqlite"
             try:
                 schema = fit_schema(ddl, question, self.cfg.max_ddl_chars)
                 prompt = build_prompt(schema, question, self.tok)
+                ids = self.tok(prompt, add_special_tokens=False).input_ids
+                grammar = grammar_for(db_path, self.decoding)
+                requests = engine_requests(ids, grammar, self.decoding, self.cfg.max_new_tokens)
                 start = time.perf_counter()
-                text = await self.backend.complete(route.model, prompt, route.adapter_path)
+                cands = await self.backend.candidates(
+                    route.model, prompt, requests, route.adapter_path
+                )
                 upstream_s = time.perf_counter() - start
             except BackendUnavailable as e:
                 self.metrics.backend_errors.inc()
                 row.update(status="backend_error", error=str(e))
                 return Answer(503, {"status": "backend_error", "error": str(e)}, row)
-            sql = extract_sql(text)
+            choice = await run_in_threadpool(
+                choose, cands, db_path, self.decoding, self.cfg.sql_timeout_s
+            )
+            sql = choice.sql
+            chosen = {"candidates": choice.n_candidates, "candidates_executed": choice.n_executed}
+            chosen["fallback"] = choice.fallback  # several candidates, none ran: best-scoring
+            if choice.fallback:
+                log.warning(
+                    "no candidate of %d executed for %s: answering the best-scoring one",
+                    choice.n_candidates, db_id,
+                )  # fmt: skip
         else:
             self.metrics.cache_hits.inc()
         row["sql"] = sql
@@ -210,6 +238,7 @@ class Text2SQL:
             "model_version": route.model,
             "cached": row["cache_hit"],
             "upstream_ms": round(upstream_s * 1000, 2),  # time spent waiting on vLLM
+            **chosen,
         }
         try:
             sql = guard(sql)
@@ -242,4 +271,4 @@ def service_from_params(p: Params, cache: bool = True) -> Text2SQL:
     cfg = p.serving if cache else p.serving.model_copy(update={"cache_size": 0})
     tok = AutoTokenizer.from_pretrained(p.path("base_model"))
     backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
-    return Text2SQL(cfg, p.path("prepared") / "databases", tok, backend)
+    return Text2SQL(cfg, p.path("prepared") / "databases", tok, backend, p.decoding)

@@ -1,0 +1,173 @@
+"""A per-database SQL grammar (GBNF) that makes table–column mismatches impossible.
+
+`schema_grammar(db_path, max_join_tables)` returns GBNF text for xgrammar (vLLM's structured
+outputs offline and served; xgrammar's logits processor on transformers), cached by the hash
+of the schema. A context-free grammar cannot look up an alias bound later in the FROM clause,
+so the grammar enumerates the FROM clauses a query can have instead, one *scope* each:
+
+- a single table: `FROM t`, columns unqualified and only t's;
+- a join of 2..`max_join_tables` tables, each next one linked by a foreign key to one before
+  it (`FROM a AS x JOIN b AS y ON ...`): columns only `alias.column` with the alias of the
+  table that has the column. Aliases are derived from the table names by the synthetic data's
+  own rule (`join_aliases`: initials first, then growing prefixes), so a scope fixes them.
+
+A SELECT picks its scope at its first token; its select list, WHERE, GROUP BY, HAVING and
+ORDER BY can then only name columns of the scope's tables under their own aliases, and a
+subquery (IN, comparisons, set operations) is a SELECT with a scope of its own. `p.item_name`
+where `p` is purchases, or a column of a table that is not in FROM, cannot be written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.sql import connect_readonly
+
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Schema:
+    tables: dict[str, tuple[str, ...]]  # table → columns, as the DDL spells them
+    links: frozenset[tuple[str, str]]  # foreign keys as unordered (table, table) pairs
+
+    @property
+    def digest(self) -> str:
+        text = repr(sorted(self.tables.items())) + repr(sorted(self.links))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_schema(db_path: Path | str) -> Schema:
+    """Tables, columns (case kept: the grammar writes them as the DDL does) and foreign keys."""
+    with closing(connect_readonly(db_path)) as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
+            )
+        ]
+        tables, links = {}, set()
+        for t in names:
+            tables[t] = tuple(c[1] for c in conn.execute(f'PRAGMA table_info("{t}")'))
+            for fk in conn.execute(f'PRAGMA foreign_key_list("{t}")'):
+                ref = next((n for n in names if n.lower() == fk[2].lower()), None)
+                if ref is not None and ref != t:
+                    links.add(tuple(sorted((t, ref))))
+    return Schema(tables, frozenset(links))
+
+
+def join_aliases(tables: list[str]) -> list[str]:
+    """The aliases of a join's tables, in FROM order: the same rule the synthetic data's
+    `pipelines.data.patterns.aliases` writes (initials, e.g. oi for order_items; then prefixes
+    of growing length until distinct), so the tuned model's aliases are the grammar's."""
+    taken: list[str] = []
+    for t in tables:
+        initials = "".join(part[0] for part in t.split("_") if part)
+        candidates = [initials] + [t[:n] for n in range(2, len(t) + 1)]
+        taken.append(next(a for a in candidates if a not in taken))
+    return taken
+
+
+def scopes(schema: Schema, max_join_tables: int) -> list[tuple[str, ...]]:
+    """Every FROM clause the grammar allows: single tables, then ordered joins where each next
+    table has a foreign key to or from one before it (both directions, chains and stars)."""
+    out: list[tuple[str, ...]] = [(t,) for t in schema.tables]
+    frontier = list(out)
+    for _ in range(max_join_tables - 1):
+        grown = []
+        for seq in frontier:
+            for t in schema.tables:
+                if t not in seq and any(tuple(sorted((t, s))) in schema.links for s in seq):
+                    grown.append((*seq, t))
+        out += grown
+        frontier = grown
+    return out
+
+
+def _lit(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ident(name: str) -> str:
+    return name if _PLAIN.match(name) else '"' + name.replace('"', '""') + '"'
+
+
+# Shared rules: literals, operators, aggregates. Keywords upper-case and single spaces, as the
+# training SQL writes them (the model learned that layout; the grammar keeps it).
+COMMON = r"""
+string ::= "'" ([^'\n] | "''")* "'"
+number ::= "-"? [0-9]+ ("." [0-9]+)?
+literal ::= string | number | "NULL"
+cmp ::= " = " | " != " | " <> " | " < " | " <= " | " > " | " >= "
+arith ::= " + " | " - " | " * " | " / "
+agg ::= "COUNT" | "SUM" | "AVG" | "MIN" | "MAX"
+limit ::= " LIMIT " [0-9]+
+setop ::= " UNION " | " UNION ALL " | " INTERSECT " | " EXCEPT "
+subquery ::= select (setop select)*
+inlist ::= subquery | literal (", " literal)*
+""".strip()
+
+
+def _scope_rules(k: int, tables: tuple[str, ...], schema: Schema) -> list[str]:
+    s = f"s{k}"
+    if len(tables) == 1:
+        cols = [_ident(c) for c in schema.tables[tables[0]]]
+        from_clause = _lit(_ident(tables[0]))
+    else:
+        names = join_aliases(list(tables))
+        cols = [f"{a}.{_ident(c)}" for t, a in zip(tables, names, strict=True)
+                for c in schema.tables[t]]  # fmt: skip
+        parts = [_lit(f"{_ident(tables[0])} AS {names[0]}")]
+        for t, a in zip(tables[1:], names[1:], strict=True):
+            parts.append(_lit(f" JOIN {_ident(t)} AS {a} ON ") + f" {s}on")
+        from_clause = " ".join(parts)
+    col_alts = " | ".join(_lit(c) for c in cols)
+    return [
+        f'sel{s} ::= "SELECT " "DISTINCT "? {s}list " FROM " {s}from '
+        f'(" WHERE " {s}cond)? (" GROUP BY " {s}col (", " {s}col)*)? '
+        f'(" HAVING " {s}cond)? (" ORDER BY " {s}ord (", " {s}ord)*)? limit?',
+        f"{s}from ::= {from_clause}",
+        f'{s}on ::= {s}col " = " {s}col (" AND " {s}col " = " {s}col)*',
+        f"{s}col ::= {col_alts}",
+        f'{s}list ::= "*" | {s}expr (", " {s}expr)*',
+        f'{s}ord ::= {s}expr (" ASC" | " DESC")?',
+        f"{s}expr ::= {s}term (arith {s}term)*",
+        f'{s}term ::= {s}col | "COUNT(*)" | agg "(" "DISTINCT "? {s}expr ")" | literal '
+        f'| "(" subquery ")"',
+        f'{s}cond ::= {s}pred ((" AND " | " OR ") {s}pred)*',
+        f'{s}pred ::= "NOT "? ({s}expr {s}test | "(" {s}cond ")")',
+        f'{s}test ::= cmp {s}expr | " IS NULL" | " IS NOT NULL" '
+        f'| " NOT"? " IN (" inlist ")" | " NOT"? " BETWEEN " {s}expr " AND " {s}expr '
+        f'| " NOT"? " LIKE " string',
+    ]
+
+
+def build_grammar(schema: Schema, max_join_tables: int) -> str:
+    """GBNF text: `root` is one query and its `;`."""
+    found = scopes(schema, max_join_tables)
+    rules = [
+        'root ::= subquery ";"',
+        "select ::= " + " | ".join(f"sels{k}" for k in range(len(found))),
+        COMMON,
+    ]
+    for k, tables in enumerate(found):
+        rules += _scope_rules(k, tables, schema)
+    return "\n".join(rules) + "\n"
+
+
+_CACHE: dict[tuple[str, int], str] = {}  # (schema hash, max_join_tables) → grammar text
+
+
+def schema_grammar(db_path: Path | str, max_join_tables: int) -> str:
+    """The grammar of a database, built once per schema (keyed by its hash: a database whose
+    schema changed gets a new grammar, two databases with one schema share one)."""
+    schema = read_schema(db_path)
+    key = (schema.digest, max_join_tables)
+    if key not in _CACHE:
+        _CACHE[key] = build_grammar(schema, max_join_tables)
+    return _CACHE[key]

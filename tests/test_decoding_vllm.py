@@ -1,0 +1,105 @@
+"""Offline and served decoding agree, on the real vLLM (`make serve-setup`; slow: two engines).
+
+A tiny Llama with SmolLM2's tokenizer and a random LoRA adapter: offline vLLM decodes the
+prompts on the merged weights (as `evaluate` does), the vLLM server with the adapter loaded at
+runtime answers the same questions through the gateway's request path (`Text2SQL`), both
+greedy in fp32, without and with the schema grammar: the SQL must be the same question for
+question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from pipelines.config import ROOT, load_params
+from pipelines.data.records import read_jsonl
+from pipelines.model.backends import ModelSpec, generate, load_tokenizer
+from pipelines.model.decoding import GREEDY, grammar_for
+from pipelines.model.prompt import build_prompt
+from pipelines.serving.backend import VLLMCompletions
+from pipelines.serving.routing import Route
+from pipelines.serving.service import Text2SQL
+from pipelines.serving.vllm_server import VLLMAdmin, vllm_command, vllm_env
+from pipelines.vllm_runtime import VLLMRuntime
+from tests.test_backends import make_adapter
+from tests.test_serving_vllm import free_port
+
+P = load_params()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(VLLMRuntime.of(P).problem() is not None, reason="needs make serve-setup"),
+]
+
+
+def tiny_llama(tok, out):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("grammar", [False, True])
+def test_offline_and_served_greedy_give_the_same_sql(tmp_path, prepared_dir, grammar):
+    tok = load_tokenizer(P.path("base_model"))
+    base = tiny_llama(tok, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=5)
+    p = P.replace(
+        paths={"base_model": base, "merged_models": tmp_path / "merged", "run_dir": tmp_path},
+        serving={"vllm_port": free_port(), "max_new_tokens": 24},
+        vllm={"dtype": "float32", "max_model_len": 1024},
+        evaluate={"backend": "vllm", "max_new_tokens": 24},
+    )
+    decoding = GREEDY.model_copy(update={"grammar": grammar, "max_join_tables": 3})
+    records = read_jsonl(prepared_dir / "eval.jsonl")
+    dbs = prepared_dir / "databases"
+    prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
+    grammars = [grammar_for(dbs / f"{r['db_id']}.sqlite", decoding) for r in records]
+    rt = dataclasses.replace(VLLMRuntime.of(p), merged_root=tmp_path / "merged")
+    offline = generate(ModelSpec(base, adapter), tok, prompts, p.evaluate, rt, decoding, grammars)
+
+    log = (tmp_path / "vllm.log").open("wb")
+    proc = subprocess.Popen(
+        vllm_command(p), cwd=ROOT, env=vllm_env(p), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    admin = VLLMAdmin(f"http://127.0.0.1:{p.serving.vllm_port}/v1")
+    try:
+        deadline = time.monotonic() + p.serving.vllm_startup_timeout_s
+        while not admin.healthy():
+            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vLLM did not become healthy"
+            time.sleep(2)
+        admin.load("tiny-v1", adapter)
+        backend = VLLMCompletions(admin.root + "/v1", 120, p.serving.max_new_tokens)
+        cfg = p.serving.model_copy(update={"cache_size": 0})
+        service = Text2SQL(cfg, dbs, tok, backend, decoding)
+        route = Route("tiny-v1", 1, str(adapter))
+
+        async def ask_all():
+            return await asyncio.gather(
+                *(service.answer(r["question"], r["db_id"], False, route) for r in records)
+            )
+
+        answers = asyncio.run(ask_all())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    served = [a.body.get("sql") for a in answers]
+    assert all(a.http_status in (200, 422) for a in answers), [a.body for a in answers]
+    same = sum(a == b for a, b in zip(offline.sql, served, strict=True))
+    assert same == len(records), list(zip(offline.sql, served, strict=True))
