@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from pipelines.config import ROOT, load_params
+from pipelines.config import load_params
 from pipelines.data.records import read_jsonl
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer
 from pipelines.model.decoding import GREEDY, grammar_for
@@ -27,8 +23,8 @@ from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import VLLMCompletions
 from pipelines.serving.routing import Route
 from pipelines.serving.service import Text2SQL
-from pipelines.serving.vllm_server import VLLMAdmin, vllm_command, vllm_env
 from pipelines.vllm_runtime import VLLMRuntime
+from tests.real_vllm import running_vllm
 from tests.test_backends import make_adapter
 from tests.test_serving_vllm import free_port
 
@@ -72,18 +68,7 @@ def test_offline_and_served_greedy_give_the_same_sql(tmp_path, prepared_dir, gra
     rt = dataclasses.replace(VLLMRuntime.of(p), merged_root=tmp_path / "merged")
     offline = generate(ModelSpec(base, adapter), tok, prompts, p.evaluate, rt, decoding, grammars)
 
-    log = (tmp_path / "vllm.log").open("wb")
-    proc = subprocess.Popen(
-        vllm_command(p), cwd=ROOT, env=vllm_env(p), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    admin = VLLMAdmin(f"http://127.0.0.1:{p.serving.vllm_port}/v1")
-    try:
-        deadline = time.monotonic() + p.serving.vllm_startup_timeout_s
-        while not admin.healthy():
-            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM did not become healthy"
-            time.sleep(2)
+    with running_vllm(p, tmp_path) as admin:
         admin.load("tiny-v1", adapter)
         backend = VLLMCompletions(admin.root + "/v1", 120, p.serving.max_new_tokens)
         cfg = p.serving.model_copy(update={"cache_size": 0})
@@ -96,9 +81,6 @@ def test_offline_and_served_greedy_give_the_same_sql(tmp_path, prepared_dir, gra
             )
 
         answers = asyncio.run(ask_all())
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
     served = [a.body.get("sql") for a in answers]
     assert all(a.http_status in (200, 422) for a in answers), [a.body for a in answers]
     same = sum(a == b for a, b in zip(offline.sql, served, strict=True))

@@ -8,9 +8,6 @@ cores); skipped without `make serve-setup`, models/base and data/prepared."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -18,24 +15,15 @@ from collections import Counter
 import httpx
 import pytest
 
-from pipelines.config import ROOT, load_params
+from pipelines.config import load_params
 from pipelines.release.server import gateway
 from pipelines.release.webhook import PATH, register
-from pipelines.serving.vllm_server import VLLMAdmin, vllm_command, vllm_env
-from pipelines.vllm_runtime import VLLMRuntime
 from tests.loopback import LoopbackServer
 from tests.mlflow_server import MlflowServer, free_port
+from tests.real_vllm import needs_real_vllm, running_vllm
 
 P = load_params()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        VLLMRuntime.of(P).problem() is not None
-        or not (P.path("base_model") / "config.json").is_file()
-        or not (P.path("prepared") / "eval.jsonl").is_file(),
-        reason="needs make serve-setup, models/base and data/prepared",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_real_vllm]
 SECRET, MODEL, CLIENTS, MAX_REQUESTS, LIMIT_S = "vllm-secret", "text2sql", 4, 400, 900
 
 
@@ -126,55 +114,48 @@ def test_alias_moves_under_load_fail_no_request(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("SQLOPS_WEBHOOK_SECRET", SECRET)
     monkeypatch.delenv("SQLOPS_VLLM_URL", raising=False)
-    log = (tmp_path / "vllm.log").open("wb")
-    vllm = subprocess.Popen(
-        vllm_command(p), cwd=ROOT, env=vllm_env(p), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    admin = VLLMAdmin(f"http://127.0.0.1:{p.serving.vllm_port}/v1")
     start = time.perf_counter()
     try:
-        while not admin.healthy():
-            assert vllm.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            assert time.perf_counter() - start < LIMIT_S, "vLLM did not become healthy"
-            time.sleep(2)
-        vllm_start_s = time.perf_counter() - start
-        app, loop = gateway(p)
-        with LoopbackServer(app, p.serving.gateway_port) as gw:
-            register(server.url, f"{gw.url}{PATH}", SECRET)
-            loop.start()  # deploys v1 (the champion) first
-            deadline = time.monotonic() + LIMIT_S
-            while (loop.last is None or loop.last.served != 1) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert loop.last.served == 1, loop.last
-            questions = [json.loads(line) for line in (p.path("prepared") / "eval.jsonl").open()]
-            load = Load(gw.url, questions)
-            for t in load.threads:
-                t.start()
-            while len(load.results) < 8:
-                assert time.perf_counter() - start < 2 * LIMIT_S, load.counts()
-                time.sleep(0.2)
-            print(f"\nbefore the move: {load.counts()}", flush=True)
-            moved = time.perf_counter()
-            server.set_alias(MODEL, "champion", 2)  # what the MLflow UI sends: a webhook follows
-            webhook_s = load.first_answer_by("text2sql-v2", 0, 600) - moved
-            print(f"webhook path: {webhook_s:.1f} s; {load.counts()}", flush=True)
-            while sum(m == "text2sql-v2" for *_, m in load.results) < 8:
-                time.sleep(0.2)
-            store = MlflowClient(tracking_uri=server.store_uri, registry_uri=server.store_uri)
-            moved = time.perf_counter()
-            store.set_registered_model_alias(MODEL, "champion", "1")  # no webhook from here
-            reconcile_s = load.first_answer_by("text2sql-v1", moved, 600) - moved
-            print(f"reconcile path: {reconcile_s:.1f} s; {load.counts()}", flush=True)
-            while sum(s >= moved + reconcile_s for s, *_ in load.results) < 8:
-                time.sleep(0.2)
-            load.stop.set()
-            for t in load.threads:
-                t.join()
-            loop.stop()
+        with running_vllm(p, tmp_path, LIMIT_S):
+            vllm_start_s = time.perf_counter() - start
+            app, loop = gateway(p)
+            with LoopbackServer(app, p.serving.gateway_port) as gw:
+                register(server.url, f"{gw.url}{PATH}", SECRET)
+                loop.start()  # deploys v1 (the champion) first
+                deadline = time.monotonic() + LIMIT_S
+                while (loop.last is None or loop.last.served != 1) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                assert loop.last.served == 1, loop.last
+                questions = [
+                    json.loads(line) for line in (p.path("prepared") / "eval.jsonl").open()
+                ]
+                load = Load(gw.url, questions)
+                for t in load.threads:
+                    t.start()
+                while len(load.results) < 8:
+                    assert time.perf_counter() - start < 2 * LIMIT_S, load.counts()
+                    time.sleep(0.2)
+                print(f"\nbefore the move: {load.counts()}", flush=True)
+                moved = time.perf_counter()
+                server.set_alias(
+                    MODEL, "champion", 2
+                )  # what the MLflow UI sends: a webhook follows
+                webhook_s = load.first_answer_by("text2sql-v2", 0, 600) - moved
+                print(f"webhook path: {webhook_s:.1f} s; {load.counts()}", flush=True)
+                while sum(m == "text2sql-v2" for *_, m in load.results) < 8:
+                    time.sleep(0.2)
+                store = MlflowClient(tracking_uri=server.store_uri, registry_uri=server.store_uri)
+                moved = time.perf_counter()
+                store.set_registered_model_alias(MODEL, "champion", "1")  # no webhook from here
+                reconcile_s = load.first_answer_by("text2sql-v1", moved, 600) - moved
+                print(f"reconcile path: {reconcile_s:.1f} s; {load.counts()}", flush=True)
+                while sum(s >= moved + reconcile_s for s, *_ in load.results) < 8:
+                    time.sleep(0.2)
+                load.stop.set()
+                for t in load.threads:
+                    t.join()
+                loop.stop()
     finally:
-        os.killpg(vllm.pid, signal.SIGTERM)
-        vllm.wait(timeout=60)
         server.stop()
     figures = {
         "requests": len(load.results),

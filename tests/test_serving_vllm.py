@@ -4,35 +4,25 @@ or without the base model (`dvc repro base_model`)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from pipelines.config import ROOT, load_params
+from pipelines.config import load_params
 from pipelines.release.deploy import deploy
 from pipelines.serving.backend import VLLMCompletions
 from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import RouteWatcher
 from pipelines.serving.service import Text2SQL
-from pipelines.serving.vllm_server import VLLMAdmin, vllm_command, vllm_env
-from pipelines.vllm_runtime import VLLMRuntime
+from tests.real_vllm import needs_real_vllm, running_vllm
 
 P = load_params()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        VLLMRuntime.of(P).problem() is not None
-        or not (P.path("base_model") / "config.json").is_file()
-        or not (P.path("prepared") / "train.jsonl").is_file(),
-        reason="needs make serve-setup, models/base and data/prepared",
-    ),
+    needs_real_vllm,
 ]
 
 
@@ -70,22 +60,8 @@ def real_vllm(tmp_path_factory):
         serving={"vllm_port": free_port(), "smoke_min_pass": 0},
         paths={"routing": tmp / "routing.json"},
     )
-    log = (tmp / "vllm.log").open("wb")
-    proc = subprocess.Popen(
-        vllm_command(p), cwd=ROOT, env=vllm_env(p), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    admin = VLLMAdmin(f"http://127.0.0.1:{p.serving.vllm_port}/v1")
-    try:
-        deadline = time.monotonic() + p.serving.vllm_startup_timeout_s
-        while not admin.healthy():
-            assert proc.poll() is None, (tmp / "vllm.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM did not become healthy"
-            time.sleep(2)
+    with running_vllm(p, tmp) as admin:
         yield p, admin, tmp
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 def test_adapter_hot_loads_and_gateway_answers(real_vllm):

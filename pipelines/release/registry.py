@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 import mlflow
 from mlflow import MlflowClient
-from pipelines.config import ROOT, Params, sqlite_url
+from pipelines.config import Params, resolve, sqlite_url
 from pipelines.data.records import read_jsonl
 from pipelines.lineage import base_model_info, content_hash
 from pipelines.release.gate import Decision, LiveErrors, live_errors, should_promote
@@ -114,9 +114,9 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
             python_model=Text2SQLModel(),
             artifacts={"adapter": str(adapter_dir)},
             model_config=config,
-            code_paths=[str(ROOT / "pipelines")],
+            code_paths=[str(resolve("pipelines"))],
             signature=mlflow.models.infer_signature(example, ["SELECT COUNT(*) FROM players"]),
-            pip_requirements=[f"-r {ROOT / 'requirements.lock'}"],
+            pip_requirements=[f"-r {resolve('requirements.lock')}"],
             registered_model_name=name,
         )
         mlflow.log_dict(metrics, "eval/eval.json")
