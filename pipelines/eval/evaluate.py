@@ -140,7 +140,8 @@ def evaluate_models(
     the judge failing loses only what was not finished."""
     all_rows, speed = [], {}
     for name, load in models.items():
-        rows, speed[name] = evaluate_model(load(), records, gold, db_dir, cfg, vllm, decoding)
+        rows, gen = evaluate_model(load(), records, gold, db_dir, cfg, vllm, decoding)
+        speed[name] = gen.tokens_per_s
         all_rows += [{"model": name, **row} for row in rows]
         if predictions is not None:
             predictions.parent.mkdir(parents=True, exist_ok=True)
