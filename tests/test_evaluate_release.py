@@ -45,11 +45,13 @@ def _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, name="adapter"):
             "run_dir": tmp_path / "run",
         }
     )
-    # transformers: these tests compare predictions with `generate_sql` token for token.
+    # transformers, greedy without a grammar: these tests compare predictions with
+    # `generate_sql` token for token.
     evaluate_cfg = p.evaluate.model_copy(
         update={"max_new_tokens": 8, "batch_size": 4, "backend": "transformers"}
     )
-    return p.model_copy(update={"paths": paths, "mlflow": mlflow_cfg, "evaluate": evaluate_cfg})
+    update = {"paths": paths, "mlflow": mlflow_cfg, "evaluate": evaluate_cfg, "decoding": GREEDY}
+    return p.model_copy(update=update)
 
 
 def _train(p, seed=0):
