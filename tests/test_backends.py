@@ -33,6 +33,21 @@ def runtime(tmp_path, **fields) -> VLLMRuntime:
     return dataclasses.replace(VLLMRuntime.of(P), **merged | fields)
 
 
+def tiny_llama(tok, out):
+    """A 2-layer Llama with head size 64 (vLLM's CPU attention supports it) and `tok`, saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def make_adapter(base_dir, out, seed: int):
     """A LoRA adapter with random (non-zero) B matrices, so merging changes the weights."""
     from peft import LoraConfig, get_peft_model
@@ -140,18 +155,8 @@ def test_a_failing_vllm_falls_back_to_transformers(
 def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     """vllm_offline.py in .venv-vllm on a tiny Llama with a merged adapter (head size 64, which
     vLLM's CPU attention supports)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = load_tokenizer(load_params().path("base_model"))
-    base_dir = tmp_path / "base"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
+    base_dir = tiny_llama(tok, tmp_path / "base")
     adapter = make_adapter(base_dir, tmp_path / "adapter", seed=4)
     spec = ModelSpec(base_dir, adapter)
     prompts = _prompts(tok, prepared_dir)

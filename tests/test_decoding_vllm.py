@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 
 import pytest
-import torch
 
 from pipelines.config import load_params
 from pipelines.data.records import read_jsonl
@@ -25,7 +24,7 @@ from pipelines.serving.routing import Route
 from pipelines.serving.service import Text2SQL
 from pipelines.vllm_runtime import VLLMRuntime
 from tests.real_vllm import running_vllm
-from tests.test_backends import make_adapter
+from tests.test_backends import make_adapter, tiny_llama
 from tests.test_serving_vllm import free_port
 
 P = load_params()
@@ -33,20 +32,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(VLLMRuntime.of(P).problem() is not None, reason="needs make serve-setup"),
 ]
-
-
-def tiny_llama(tok, out):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("grammar", [False, True])

@@ -22,6 +22,7 @@ from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import Route, RouteWatcher, write_route
 from pipelines.serving.service import Text2SQL
 from tests.fake_vllm import FakeVLLM
+from tests.inference_logs import OLD_REQUESTS_DDL
 
 P = load_params()
 RULES = P.validate_
@@ -207,14 +208,7 @@ def test_export_quarantines_what_validate_would_refuse(tmp_path, prepared_dir):
 def test_a_log_from_before_feedback_by_gets_the_column(tmp_path):
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as conn:  # the requests table as earlier versions created it
-        conn.execute(
-            "CREATE TABLE requests (request_id VARCHAR(32) PRIMARY KEY, ts FLOAT NOT NULL, "
-            "db_id VARCHAR(128) NOT NULL, question TEXT NOT NULL, lang VARCHAR(8), "
-            "model_version VARCHAR(128), sql TEXT, status VARCHAR(16) NOT NULL, "
-            "executed BOOLEAN NOT NULL, n_rows INTEGER, error TEXT, latency_ms FLOAT NOT NULL, "
-            "cache_hit BOOLEAN NOT NULL, feedback_verdict VARCHAR(16), feedback_sql TEXT, "
-            "feedback_ts FLOAT)"
-        )
+        conn.execute(OLD_REQUESTS_DDL)
     ilog = InferenceLog(f"sqlite:///{path}")
     rid = ilog.record(db_id="shop", question="How many?", status="ok", latency_ms=1.0)
     assert ilog.add_feedback(rid, "correct", by=key_id(KEY))

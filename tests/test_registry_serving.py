@@ -30,6 +30,7 @@ from pipelines.release.webhook import (
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import read_route
 from pipelines.serving.vllm_server import VLLMAdmin
+from tests.inference_logs import OLD_REQUESTS_DDL
 from tests.loopback import LoopbackServer
 from tests.test_deploy import FakeRegistry, env, run_deploy  # noqa: F401  (fixture)
 from tests.test_deploy_merged import merged  # noqa: F401  (fixture)
@@ -362,14 +363,7 @@ def test_logs_made_before_shadow_rows_get_the_column(tmp_path):
     db = tmp_path / "old.db"
     engine = sa.create_engine(f"sqlite:///{db}")
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE requests (request_id VARCHAR(32) PRIMARY KEY, ts FLOAT NOT NULL, "
-            "db_id VARCHAR(128) NOT NULL, question TEXT NOT NULL, lang VARCHAR(8), "
-            "model_version VARCHAR(128), sql TEXT, status VARCHAR(16) NOT NULL, "
-            "executed BOOLEAN NOT NULL, n_rows INTEGER, error TEXT, latency_ms FLOAT NOT NULL, "
-            "cache_hit BOOLEAN NOT NULL, feedback_verdict VARCHAR(16), feedback_sql TEXT, "
-            "feedback_ts FLOAT)"
-        )
+        conn.exec_driver_sql(OLD_REQUESTS_DDL)
         conn.exec_driver_sql(
             "INSERT INTO requests VALUES ('a', 1.0, 'game', 'q', 'en', 'text2sql-v1', "
             "'SELECT 1', 'ok', 0, NULL, NULL, 5.0, 0, NULL, NULL, NULL)"
