@@ -89,6 +89,7 @@ class DataConfig(_Block):
     selection_domains: list[str]  # held out as well, for choosing knobs (selection.jsonl)
     eval_fraction: float  # share of examples for eval (split: random)
     max_ddl_chars: int  # longer DDLs keep the tables most related to each question
+    sample_values: int  # text columns with at most this many distinct values list them (0 = off)
 
 
 class ValidateConfig(_Block):
@@ -193,6 +194,7 @@ class ServingConfig(_Block):
     vllm_port: int  # vLLM OpenAI server port; SQLOPS_VLLM_URL (env) points at another server
     max_question_chars: int  # longer questions get a 400
     max_ddl_chars: int  # the prompt's schema is fitted to this (data.max_ddl_chars, as trained)
+    sample_values: int  # the prompt's DDL lists column values as trained (data.sample_values)
     max_new_tokens: int  # generation budget per request
     request_timeout_s: float  # per vLLM call; past it the gateway answers 503
     sql_timeout_s: float  # execution time limit per query

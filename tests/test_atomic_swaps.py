@@ -114,7 +114,7 @@ def test_the_feedback_folder_always_has_a_database_for_every_record(tmp_path, pr
     ilog.add_feedback(shop, "wrong", "SELECT COUNT(*) FROM orders")
     out = tmp_path / "feedback"
     databases = prepared_dir / "databases"
-    export(ilog.window(), databases, out, P.validate_)
+    export(ilog.window(), databases, out, P.validate_, sample_values=0)
 
     def consistent() -> str | None:
         jsonl = out / "feedback.jsonl"
@@ -128,7 +128,7 @@ def test_the_feedback_folder_always_has_a_database_for_every_record(tmp_path, pr
     broken = watch(consistent)
     game = ilog.record(**base, db_id="game", question="How many players are there?", ts=2.0)
     ilog.add_feedback(game, "wrong", "SELECT COUNT(*) FROM players")
-    res = export(ilog.window(), databases, out, P.validate_)
+    res = export(ilog.window(), databases, out, P.validate_, sample_values=0)
     assert res.n_verified == 2 and broken == []
     assert sorted(p.name for p in (out / "databases").iterdir()) == ["game.sqlite", "shop.sqlite"]
     assert sorted(p.name for p in out.iterdir()) == ["databases", "feedback.jsonl"]

@@ -184,13 +184,30 @@ def test_one_candidate_without_grammar_is_todays_greedy_request(tmp_path):
 def test_vllm_runs_bf16_only_where_the_hardware_has_it(monkeypatch):
     monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(devices, "Path", lambda _: Path("/nonexistent"))
-    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_bf16_faster", lambda: False)
     assert devices.vllm_dtype("auto") == "float32"
     cmd = vllm_command(P.replace(vllm={"dtype": "auto"}))
     assert cmd[cmd.index("--dtype") + 1] == "float32"
-    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_bf16_faster", lambda: True)
     assert devices.vllm_dtype("auto") == "bfloat16"
     assert devices.vllm_dtype("float32") == "float32"
+
+
+def test_bf16_needs_the_instructions_and_the_measured_speed(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(devices, "Path", lambda _: cpuinfo)
+    timings = {devices.torch.float32: 1.0, devices.torch.bfloat16: 0.5}
+    monkeypatch.setattr(devices, "_matmul_s", timings.__getitem__)
+    for flags, timed, expected in (
+        ("flags : avx2 avx512f", {}, False),  # emulated bf16: not even timed
+        ("flags : avx2 avx512f avx512_bf16", {}, True),  # native and 2x faster
+        ("flags : avx2 amx_bf16", {devices.torch.bfloat16: 1.2}, False),  # native but slower
+    ):
+        cpuinfo.write_text(flags)
+        timings.update(timed)
+        devices.cpu_bf16_faster.cache_clear()
+        assert devices.cpu_bf16_faster() is expected
+    devices.cpu_bf16_faster.cache_clear()
 
 
 def test_served_and_offline_decoding_send_identical_requests(synthetic, tiny_base_dir):

@@ -78,5 +78,7 @@ def test_traffic_and_corrections_through_the_gateway(tmp_path: Path, tiny_base_d
     assert recorded == 6
     logged = ilog.window()
     assert len(logged) == 12 and logged["feedback_sql"].notna().sum() == 6
-    exported = feedback.export(logged, databases, tmp_path / "feedback", load_params().validate_)
+    exported = feedback.export(
+        logged, databases, tmp_path / "feedback", load_params().validate_, sample_values=0
+    )
     assert exported.n_verified == 6  # every correction is the gold SQL: all verify

@@ -271,7 +271,7 @@ def test_sqlops_eval_scores_registered_and_base_models_on_a_spider_dir(
     assert json.loads((out / "eval.json").read_text())["n_examples"] == 10
     assert (out / "breakdown.csv").is_file() and (out / "databases" / "arcade.sqlite").is_file()
     # The registered version generates what its adapter on the base model generates.
-    records = external.load_dataset(f"spider:{spider}", 0, p.seed, tmp_path / "dbs", 6000)[:10]
+    records = external.load_dataset(f"spider:{spider}", 0, p.seed, tmp_path / "dbs", p.data)[:10]
     model, tok = load_base(tiny_base_dir, p.path("adapter"))
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]
     expected = generate_sql(model, tok, prompts, 4, 8).sql

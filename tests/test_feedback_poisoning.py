@@ -181,7 +181,9 @@ def test_export_quarantines_what_validate_would_refuse(tmp_path, prepared_dir):
     ilog = _log_with_feedback(tmp_path, rows)
     out, quarantine = tmp_path / "feedback", tmp_path / "quarantine.json"
     rules = RULES.model_copy(update={"sql_timeout_s": 0.5})
-    res = export(ilog.window(), prepared_dir / "databases", out, rules, None, quarantine)
+    res = export(
+        ilog.window(), prepared_dir / "databases", out, rules, None, quarantine, sample_values=0
+    )
     assert res.n_labelled == len(rows) and res.n_verified == 1
     assert res.rejected == {
         "question_length": 1,

@@ -250,7 +250,9 @@ def test_feedback_corrections_are_verified_into_a_data_source(synthetic, cfg, tm
     out = tmp_path / "feedback"
     quarantine = tmp_path / "quarantine.json"
     rules = load_params().validate_
-    res = export(log.window(), synthetic["databases"], out, rules, None, quarantine)
+    res = export(
+        log.window(), synthetic["databases"], out, rules, None, quarantine, sample_values=0
+    )
     assert res.n_labelled == 5 and res.n_verified == 2
     # the validation contract's own rule names; a database that is missing also has no DDL
     assert res.rejected == {

@@ -65,7 +65,7 @@ def test_synthetic_held_out_domain(tmp_path: Path) -> None:
     assert len(train) == len(SHOP_QA) and len(evals) == len(GAME_QA)
     assert all(tuple(r) == FIELDS for r in train + evals)
     assert sorted(p.name for p in (out / "databases").iterdir()) == ["game.sqlite", "shop.sqlite"]
-    assert train[0]["ddl"] == ddl_of(syn / "databases" / "shop.sqlite")
+    assert train[0]["ddl"] == ddl_of(syn / "databases" / "shop.sqlite", _cfg().sample_values)
     assert stats["n"] == {"train": 10, "eval": 10}
     assert stats["eval"]["lang"] == {"en": 6, "ko": 4}
     assert stats["train"]["difficulty"] == {"easy": 5, "extra": 1, "hard": 1, "medium": 3}
@@ -223,7 +223,10 @@ def test_jsonl_source_with_databases_and_mixed_sources(tmp_path: Path) -> None:
     )
     train = read_jsonl(tmp_path / "out" / "train.jsonl")
     school = [r for r in train if r["db_id"] == "school"]
-    assert school[0]["ddl"] == ddl_of(dbs / "school.sqlite")  # no DDL in the row: from the DB
+    values = _cfg().sample_values
+    assert school[0]["ddl"] == ddl_of(
+        dbs / "school.sqlite", values
+    )  # no DDL in the row: from the DB
     assert school[0]["source"] == "extra" and school[0]["difficulty"] == "easy"
     assert (tmp_path / "out" / "databases" / "school.sqlite").is_file()
 
@@ -276,7 +279,9 @@ def test_spider_directory(tmp_path: Path) -> None:
         spider_rows[0]["question"],
     ]
     assert {r["source"] for r in evals} == {"spider"} and evals[0]["lang"] == "en"
-    assert evals[0]["ddl"] == ddl_of(root / "database" / "concert" / "concert.sqlite")
+    assert evals[0]["ddl"] == ddl_of(
+        root / "database" / "concert" / "concert.sqlite", cfg.sample_values
+    )
     assert stats["removed"]["duplicates_exact"] == 1
 
 

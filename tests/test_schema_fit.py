@@ -18,7 +18,8 @@ def warehouse(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     cfg = load_params().synth.model_copy(update={"examples_per_domain": 40, "langs": ["en"]})
     synth.run(cfg, seed=5, out_dir=out)
-    ddls = [ddl_of(out / "databases" / f"{d}.sqlite") for d in cfg.domains]
+    values = load_params().data.sample_values  # the DDL as prompts carry it
+    ddls = [ddl_of(out / "databases" / f"{d}.sqlite", values) for d in cfg.domains]
     return "\n".join(ddls), read_jsonl(out / "examples.jsonl")
 
 

@@ -112,6 +112,21 @@ def test_ddl_and_schema_of(shop_db):
     ]
 
 
+def test_ddl_lists_the_values_of_category_columns(shop_db):
+    from pipelines.data.augment import schema_names
+    from pipelines.data.schema_fit import split_ddl
+
+    ddl = sqlmod.ddl_of(shop_db, sample_values=2)
+    # city holds two values ('Seoul' twice first); name holds three: a name, not a category.
+    assert "city TEXT /* 'Seoul' | 'Busan' */" in ddl
+    assert "name TEXT NOT NULL," in ddl and "'Kim'" not in ddl
+    assert "/*" not in sqlmod.ddl_of(shop_db, sample_values=1)  # no column has a single value
+    assert sqlmod.ddl_of(shop_db, sample_values=0) == sqlmod.ddl_of(shop_db)
+    # Every reader of the prompt's DDL still sees the same tables and columns.
+    assert schema_names(ddl) == schema_names(sqlmod.ddl_of(shop_db))
+    assert [t.words for t in split_ddl(ddl)] == [t.words for t in split_ddl(sqlmod.ddl_of(shop_db))]
+
+
 def test_untokenizable_model_output_is_rejected_not_raised(shop_db):
     broken = "SELECT player_id FROM matches GROUP BY player_id HAVING COUNT(*) >= '"
     with pytest.raises(sqlmod.UnsafeSQL, match="does not parse"):

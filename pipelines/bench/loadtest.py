@@ -98,7 +98,7 @@ def bench(p: Params, n: int, concurrency: int) -> dict:
     tok = AutoTokenizer.from_pretrained(p.path("base_model"))
     questions = eval_questions(p, 2 * n)
     dbs = p.path("prepared") / "databases"
-    ddl = {q["db_id"]: ddl_of(dbs / f"{q['db_id']}.sqlite") for q in questions}
+    ddl = {q["db_id"]: ddl_of(dbs / f"{q['db_id']}.sqlite", cfg.sample_values) for q in questions}
     prompts = [build_prompt(ddl[q["db_id"]], q["question"], tok) for q in questions]
     http = httpx.Client(timeout=cfg.request_timeout_s * 2, limits=httpx.Limits(max_connections=64))
 

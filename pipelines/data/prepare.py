@@ -159,7 +159,7 @@ def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> di
     for r in records:
         if not r["ddl"] and databases.get(r["db_id"]) is not None:
             if r["db_id"] not in ddl_cache:
-                ddl_cache[r["db_id"]] = ddl_of(databases[r["db_id"]])
+                ddl_cache[r["db_id"]] = ddl_of(databases[r["db_id"]], cfg.sample_values)
             r["ddl"] = ddl_cache[r["db_id"]]
     for r in records:  # a schema too long for a prompt keeps what the question needs
         r["ddl"] = fit_schema(r["ddl"], r["question"], cfg.max_ddl_chars)

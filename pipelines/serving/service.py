@@ -154,7 +154,7 @@ class Text2SQL:
         if cached and cached[0] == identity:
             return cached[1]
         try:
-            ddl = ddl_of(path)
+            ddl = ddl_of(path, self.cfg.sample_values)
         except (OSError, sqlite3.Error) as e:
             raise DatabaseUnavailable(f"database {db_id} cannot be read right now: {e}") from e
         if not ddl:
