@@ -16,6 +16,7 @@ import pytest
 from pipelines.config import load_params
 from pipelines.data import synth
 from pipelines.data.patterns import aliases as data_aliases
+from pipelines.data.records import read_jsonl
 from pipelines.model import devices
 from pipelines.model.decoding import (
     GREEDY,
@@ -287,8 +288,21 @@ def test_decoding_experiment_table(tmp_path, tiny_base_dir, prepared_dir):
     result = json.loads((tmp_path / "exp" / "decoding.json").read_text())
     assert [r["row"] for r in result["rows"]] == [
         "greedy", "+ grammar", "+ 2 candidates", "+ grammar + 2 candidates",
+        "params.yaml decoding, DDL without values",
     ]  # fmt: skip
     assert all(
         0 <= r["execution_accuracy"] <= 1 and r["s_per_question"] > 0 for r in result["rows"]
     )
-    assert md.read_text().count("\n| ") == 2 + 4
+    assert md.read_text().count("\n| ") == 2 + 5
+    # That last row asks the same questions over the same tables, without the listed values.
+    from pipelines.sql import ddl_of
+
+    listed = ddl_of(prepared_dir / "databases" / "game.sqlite", sample_values=8)
+    records = [{**r, "ddl": listed} for r in read_jsonl(prepared_dir / "eval.jsonl")]
+    assert "/* 'ace' | 'bob' | 'cat' */" in listed
+    plain = experiment.without_values(p, records)
+    assert [r["question"] for r in plain] == [r["question"] for r in records]
+    assert not any("/*" in r["ddl"] for r in plain)
+    assert [r["ddl"].count("CREATE TABLE") for r in plain] == [
+        r["ddl"].count("CREATE TABLE") for r in records
+    ]

@@ -3,7 +3,8 @@
     sqlops experiment decoding [--split eval.jsonl] [--n 5] [--adapter DIR] [--requests 32]
                                [--no-serving]
 
-Rows: greedy / + grammar / + n candidates / + both (pipelines/model/decoding.py), each a normal
+Rows: greedy / + grammar / + n candidates / + both (pipelines/model/decoding.py), and params.yaml's
+decoding on the DDL without its listed column values (`data.sample_values`), each a normal
 evaluation (`evaluate_model`: the backend `evaluate.backend` picks, `evaluate.max_examples` of
 the split, the gold results executed once). Columns: execution accuracy with its 95% bootstrap
 interval, valid SQL, exact match, tokens/s, seconds per question (generation + choice, engine
@@ -25,9 +26,11 @@ from pathlib import Path
 
 from pipelines.config import DecodingConfig, Params
 from pipelines.data.records import read_jsonl, sample_records
+from pipelines.data.schema_fit import fit_schema
 from pipelines.eval.evaluate import evaluate_model, gold_results
 from pipelines.eval.metrics import summarize
 from pipelines.model.backends import ModelSpec
+from pipelines.sql import ddl_of
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,29 @@ def variants(d: DecodingConfig, n: int) -> dict[str, DecodingConfig]:
     }
 
 
+def without_values(p: Params, records: list[dict]) -> list[dict]:
+    """`records` with their database's DDL as it reads without the listed column values
+    (`data.sample_values` off), fitted as `prepare` fits it: the row that measures the values."""
+    db_dir, ddl = p.path("prepared") / "databases", {}
+    out = []
+    for r in records:
+        if r["db_id"] not in ddl:
+            ddl[r["db_id"]] = ddl_of(db_dir / f"{r['db_id']}.sqlite")
+        out.append({**r, "ddl": fit_schema(ddl[r["db_id"]], r["question"], p.data.max_ddl_chars)})
+    return out
+
+
 def offline_rows(p: Params, spec: ModelSpec, records: list[dict], n: int) -> list[dict]:
     db_dir = p.path("prepared") / "databases"
     gold = gold_results(records, db_dir, p.evaluate.sql_timeout_s)
+    rows = [(label, d, records) for label, d in variants(p.decoding, n).items()]
+    if p.data.sample_values > 0:
+        rows.append(("params.yaml decoding, DDL without values", p.decoding, None))
     out = []
-    for label, d in variants(p.decoding, n).items():
+    for label, d, asked in rows:
+        asked = asked or without_values(p, records)
         start = time.monotonic()
-        scored, gen = evaluate_model(spec, records, gold, db_dir, p.evaluate, VLLMRuntime.of(p), d)
+        scored, gen = evaluate_model(spec, asked, gold, db_dir, p.evaluate, VLLMRuntime.of(p), d)
         wall = time.monotonic() - start
         m = summarize(scored, p.evaluate.bootstrap_samples, p.seed, gen.tokens_per_s)
         out.append(
