@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 
-from pipelines.data.augment import augment, rename_ddl, rename_map, rename_sql, schema_names
+from pipelines.data.augment import (
+    _column_variants,
+    _table_variants,
+    augment,
+    rename_ddl,
+    rename_map,
+    rename_sql,
+    schema_names,
+)
 from pipelines.data.records import read_jsonl
 
 DDL = (
@@ -39,3 +47,12 @@ def test_augmented_examples_execute_and_share_few_ddls(prepared_dir):
         db.execute(r["sql"]).fetchall()  # every renamed name exists in the renamed schema
     kept = augment(records, share=0.0, variants=2, seed=0, p_table=0.5, p_column=0.4)
     assert kept == records
+
+
+def test_renamings_include_the_naming_habits_of_real_schemas():
+    assert {"tot_amt", "totalAmount", "col_total_amount"} <= set(_column_variants("total_amount"))
+    assert {"cust_id", "customerId", "customer_no"} <= set(_column_variants("customer_id"))
+    assert "nm" in _column_variants("name") and "paid_value" in _column_variants("paid")
+    assert {"ord_items", "orderItems", "t_order_items", "order_item"} <= set(
+        _table_variants("order_items")
+    )

@@ -35,19 +35,49 @@ def schema_names(ddl: str) -> tuple[list[str], list[str]]:
     return tables, columns
 
 
+# Naming habits of real schemas that the synthetic domains do not all have: abbreviated words
+# (`paid_amt`, `venue_nm`, `start_dt`), camelCase, prefixes. General database vocabulary, not
+# any one domain's.
+ABBREVIATIONS = {
+    "account": "acct", "address": "addr", "amount": "amt", "average": "avg", "balance": "bal",
+    "category": "cat", "class": "cls", "code": "cd", "count": "cnt", "created": "crt",
+    "customer": "cust", "date": "dt", "department": "dept", "description": "descr",
+    "employee": "emp", "first": "fst", "grade": "grd", "item": "itm", "last": "lst",
+    "level": "lvl", "message": "msg", "month": "mon", "name": "nm", "number": "no",
+    "order": "ord", "payment": "pmt", "phone": "tel", "price": "prc", "product": "prod",
+    "quantity": "qty", "rating": "rtg", "salary": "sal", "status": "stts", "stock": "stk",
+    "time": "tm", "title": "ttl", "total": "tot", "transaction": "txn", "type": "typ",
+    "user": "usr", "value": "val", "year": "yr",
+}  # fmt: skip
+
+
+def _abbreviated(name: str) -> str | None:
+    words = name.split("_")
+    short = [ABBREVIATIONS.get(w, w) for w in words]
+    return "_".join(short) if short != words else None
+
+
+def _camel(name: str) -> str | None:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest) if rest else None
+
+
 def _table_variants(t: str) -> list[str]:
     toggled = t[:-1] if t.endswith("s") else t + "s"
-    return [toggled, f"tbl_{t}", f"{t}_data"]
+    out = [toggled, f"tbl_{t}", f"{t}_data", f"t_{t}"]
+    return out + [v for v in (_abbreviated(t), _camel(t)) if v]
 
 
 def _column_variants(c: str) -> list[str]:
     if c.endswith("_id"):
         stem = c[:-3]
-        return [f"{stem}_no", f"{stem}_key", f"{stem}id"]
-    out = [f"{c}_value", f"col_{c}"]
-    if "_" in c:
-        out.append(c.replace("_", ""))
-    return out
+        out = [f"{stem}_no", f"{stem}_key", f"{stem}id", f"{_camel(stem) or stem}Id"]
+    else:
+        out = [f"{c}_value", f"col_{c}"]
+        if "_" in c:
+            out.append(c.replace("_", ""))
+    # An abbreviation twice: it is the habit most real schemas have.
+    return out + [v for v in (_abbreviated(c), _abbreviated(c), _camel(c)) if v]
 
 
 def rename_map(ddl: str, rng: random.Random, p_table: float, p_column: float) -> dict[str, str]:
