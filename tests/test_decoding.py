@@ -283,6 +283,7 @@ def test_decoding_experiment_table(tmp_path, tiny_base_dir, prepared_dir):
                "experiments": tmp_path / "exp"},
         evaluate={"backend": "transformers", "max_new_tokens": 8, "max_examples": 4,
                   "bootstrap_samples": 50},
+        data={"sample_values": 8},  # the row without values is there when values are on
     )  # fmt: skip
     md = experiment.run(p, "eval.jsonl", n=2, adapter=adapter, serving=False)
     result = json.loads((tmp_path / "exp" / "decoding.json").read_text())
