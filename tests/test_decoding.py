@@ -198,7 +198,11 @@ def test_bf16_needs_the_instructions_and_the_measured_speed(monkeypatch, tmp_pat
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(devices, "Path", lambda _: cpuinfo)
     timings = {devices.torch.float32: 1.0, devices.torch.bfloat16: 0.5}
-    monkeypatch.setattr(devices, "_matmul_s", timings.__getitem__)
+    monkeypatch.setattr(
+        devices,
+        "_matmul_s",
+        lambda: (timings[devices.torch.float32], timings[devices.torch.bfloat16]),
+    )
     for flags, timed, expected in (
         ("flags : avx2 avx512f", {}, False),  # emulated bf16: not even timed
         ("flags : avx2 avx512f avx512_bf16", {}, True),  # native and 2x faster

