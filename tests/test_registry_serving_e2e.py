@@ -145,7 +145,12 @@ def test_alias_moves_through_mlflow_reach_serving(stack, caplog):
     with running_gateway(p.replace(serving={"reconcile_s": 1}), port) as url:
         reconcile_s = wait_served(url, 2, timeout_s=30)
         print(f"gateway restarted -> v2 served via reconcile: {reconcile_s:.2f} s")
-        health = httpx.get(f"{url}/health").json()["registry"]
+        # /v1/models moves when the deploy writes the route; /health reports the check once it
+        # has finished, a moment later.
+        deadline = time.monotonic() + 10
+        while "champion" not in (health := httpx.get(f"{url}/health").json()["registry"]):
+            assert time.monotonic() < deadline, health
+            time.sleep(0.1)
         assert (health["champion"], health["served"], health["in_sync"]) == (2, 2, True)
     assert webhook_s < 10 and reconcile_s < 10
 
