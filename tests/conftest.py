@@ -124,7 +124,7 @@ def make_db(path: Path, ddl: str, rows: list[str]) -> Path:
 def prepared_dir(tmp_path: Path) -> Path:
     """A 20-row prepared dataset in canonical records: shop = train, game = eval."""
     from pipelines.data.records import write_jsonl
-    from pipelines.sql import ddl_of
+    from pipelines.db_schema import ddl_of
 
     out = tmp_path / "prepared"
     dbs = {

@@ -234,8 +234,8 @@ def test_served_and_offline_decoding_send_identical_requests(synthetic, tiny_bas
     assert body["sql"] == "SELECT COUNT(*) FROM players" and len(body["rows"]) == 1
     assert (body["candidates"], body["candidates_executed"], body["fallback"]) == (4, 4, False)
 
+    from pipelines.db_schema import ddl_of
     from pipelines.model.prompt import build_prompt
-    from pipelines.sql import ddl_of
 
     db = synthetic / "databases" / "game.sqlite"
     prompt = build_prompt(ddl_of(db), question, tok)
@@ -300,7 +300,7 @@ def test_decoding_experiment_table(tmp_path, tiny_base_dir, prepared_dir):
     )
     assert md.read_text().count("\n| ") == 2 + 5
     # That last row asks the same questions over the same tables, without the listed values.
-    from pipelines.sql import ddl_of
+    from pipelines.db_schema import ddl_of
 
     listed = ddl_of(prepared_dir / "databases" / "game.sqlite", sample_values=8)
     records = [{**r, "ddl": listed} for r in read_jsonl(prepared_dir / "eval.jsonl")]

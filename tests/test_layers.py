@@ -10,7 +10,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A package may import its own layer and any lower one.
 LAYERS = [
-    {"config", "sql", "sql_worker", "lineage", "tracking", "vllm_runtime"},  # facts and tools
+    {
+        "config",
+        "sql",
+        "sql_worker",
+        "db_schema",
+        "lineage",
+        "tracking",
+        "vllm_runtime",
+    },  # facts, tools
     {"data"},  # records, sources, synth, prepare, validate
     {"model"},  # prompt, base, train, generation backends
     {"eval"},  # scoring, judge, evaluation stage

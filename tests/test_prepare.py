@@ -13,7 +13,8 @@ from pipelines.config import DataConfig, SourceConfig, load_params
 from pipelines.data import prepare
 from pipelines.data.records import FIELDS, detect_lang, question_key, read_jsonl, write_jsonl
 from pipelines.data.sources import difficulty_of
-from pipelines.sql import ddl_of, execute, schema_of
+from pipelines.db_schema import ddl_of, schema_of
+from pipelines.sql import execute
 from tests.conftest import GAME_DDL, GAME_QA, GAME_ROWS, SHOP_DDL, SHOP_QA, SHOP_ROWS, make_db
 
 

@@ -9,7 +9,8 @@ from pipelines.config import load_params
 from pipelines.data import synth
 from pipelines.data.records import read_jsonl
 from pipelines.data.schema_fit import fit_schema, split_ddl
-from pipelines.sql import ddl_of, parse
+from pipelines.db_schema import ddl_of
+from pipelines.sql import parse
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines import db_schema
 from pipelines import sql as sqlmod
 from tests.conftest import SHOP_DDL, SHOP_ROWS, make_db
 
@@ -102,9 +103,9 @@ def test_extract_sql(text, sql):
 
 
 def test_ddl_and_schema_of(shop_db):
-    ddl = sqlmod.ddl_of(shop_db)
+    ddl = db_schema.ddl_of(shop_db)
     assert ddl.startswith("CREATE TABLE customers") and ddl.count("CREATE TABLE") == 2
-    assert sqlmod.schema_of(shop_db)["orders"] == [
+    assert db_schema.schema_of(shop_db)["orders"] == [
         "order_id",
         "customer_id",
         "amount",
@@ -116,15 +117,17 @@ def test_ddl_lists_the_values_of_category_columns(shop_db):
     from pipelines.data.augment import schema_names
     from pipelines.data.schema_fit import split_ddl
 
-    ddl = sqlmod.ddl_of(shop_db, sample_values=2)
+    ddl = db_schema.ddl_of(shop_db, sample_values=2)
     # city holds two values ('Seoul' twice first); name holds three: a name, not a category.
     assert "city TEXT /* 'Seoul' | 'Busan' */" in ddl
     assert "name TEXT NOT NULL," in ddl and "'Kim'" not in ddl
-    assert "/*" not in sqlmod.ddl_of(shop_db, sample_values=1)  # no column has a single value
-    assert sqlmod.ddl_of(shop_db, sample_values=0) == sqlmod.ddl_of(shop_db)
+    assert "/*" not in db_schema.ddl_of(shop_db, sample_values=1)  # no column has a single value
+    assert db_schema.ddl_of(shop_db, sample_values=0) == db_schema.ddl_of(shop_db)
     # Every reader of the prompt's DDL still sees the same tables and columns.
-    assert schema_names(ddl) == schema_names(sqlmod.ddl_of(shop_db))
-    assert [t.words for t in split_ddl(ddl)] == [t.words for t in split_ddl(sqlmod.ddl_of(shop_db))]
+    assert schema_names(ddl) == schema_names(db_schema.ddl_of(shop_db))
+    assert [t.words for t in split_ddl(ddl)] == [
+        t.words for t in split_ddl(db_schema.ddl_of(shop_db))
+    ]
 
 
 def test_untokenizable_model_output_is_rejected_not_raised(shop_db):

@@ -9,6 +9,7 @@ from contextlib import closing
 
 import pytest
 
+from pipelines import db_schema
 from pipelines import sql as sqlmod
 from pipelines.config import SynthConfig, load_params
 from pipelines.data import synth
@@ -161,7 +162,7 @@ def test_databases_have_typed_tables_with_primary_and_foreign_keys(generated):
     out, _, _ = generated
     for domain in DOMAINS:
         db = out / "databases" / f"{domain}.sqlite"
-        ddl = sqlmod.ddl_of(db)
+        ddl = db_schema.ddl_of(db)
         assert "PRIMARY KEY" in ddl and "FOREIGN KEY" in ddl and "REFERENCES" in ddl
         with closing(sqlite3.connect(db)) as conn:
             tables = [

@@ -13,7 +13,8 @@ import pytest
 from pipelines.config import load_params
 from pipelines.data import validate
 from pipelines.data.records import FIELDS, read_jsonl, write_jsonl
-from pipelines.sql import missing_refs, parse, schema_of
+from pipelines.db_schema import schema_of
+from pipelines.sql import missing_refs, parse
 
 # params.yaml's rules, with limits the fixture's questions and the endless query hit quickly.
 CFG = load_params().validate_.model_copy(update={"max_question_chars": 80, "sql_timeout_s": 0.5})

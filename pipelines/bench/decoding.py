@@ -27,10 +27,10 @@ from pathlib import Path
 from pipelines.config import DecodingConfig, Params
 from pipelines.data.records import read_jsonl, sample_records
 from pipelines.data.schema_fit import fit_schema
+from pipelines.db_schema import ddl_of
 from pipelines.eval.evaluate import evaluate_model, gold_results
 from pipelines.eval.metrics import summarize
 from pipelines.model.backends import ModelSpec
-from pipelines.sql import ddl_of
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)

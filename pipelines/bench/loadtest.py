@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 
 from pipelines.config import Params, load_params, setup_entry_point
+from pipelines.db_schema import ddl_of
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import vllm_url
 from pipelines.serving.routing import Route, read_route, write_route
-from pipelines.sql import ddl_of
 from pipelines.vllm_runtime import VLLMRuntime
 
 # Default load: enough requests for stable seconds per request on 2 CPU cores, in minutes.

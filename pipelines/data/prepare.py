@@ -26,7 +26,8 @@ from pipelines.data import sources
 from pipelines.data.atomic import aside, replace_dir
 from pipelines.data.records import FIELDS, question_key, write_jsonl
 from pipelines.data.schema_fit import fit_schema
-from pipelines.sql import ddl_of, normalize
+from pipelines.db_schema import ddl_of
+from pipelines.sql import normalize
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "eval", "selection")  # selection.jsonl is empty without selection_domains

@@ -39,7 +39,8 @@ from pipelines.data.records import (
     read_jsonl,
     valid_db_id,
 )
-from pipelines.sql import normalize, schema_of
+from pipelines.db_schema import schema_of
+from pipelines.sql import normalize
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation

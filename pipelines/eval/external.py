@@ -26,6 +26,7 @@ from pipelines.data import sources
 from pipelines.data.prepare import install_databases
 from pipelines.data.records import sample_records
 from pipelines.data.schema_fit import fit_schema
+from pipelines.db_schema import ddl_of
 from pipelines.eval.evaluate import (
     ModelLoader,
     evaluate_models,
@@ -34,7 +35,6 @@ from pipelines.eval.evaluate import (
 )
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model.backends import ModelSpec
-from pipelines.sql import ddl_of
 from pipelines.tracking import configure_mlflow
 from pipelines.vllm_runtime import VLLMRuntime
 

@@ -29,9 +29,10 @@ from pathlib import Path
 import sqlglot
 
 from pipelines.config import DecodingConfig
+from pipelines.db_schema import schema_of
 from pipelines.model.grammar import schema_grammar
 from pipelines.model.prompt import STOP  # the end of the first statement (end of turn too)
-from pipelines.sql import UnsafeSQL, execute, extract_sql, missing_refs, parse, schema_of
+from pipelines.sql import UnsafeSQL, execute, extract_sql, missing_refs, parse
 
 log = logging.getLogger(__name__)
 # Plain greedy decoding, as sqlops always decoded: what generation-speed benches compare with a

@@ -38,7 +38,8 @@ from pipelines.data import validate
 from pipelines.data.atomic import aside, copy_file
 from pipelines.data.records import FIELDS, detect_lang, valid_db_id, write_jsonl
 from pipelines.data.sources import difficulty_of
-from pipelines.sql import ddl_of, guard
+from pipelines.db_schema import ddl_of
+from pipelines.sql import guard
 
 log = logging.getLogger(__name__)
 REFUSED = "bad_request"  # a request the gateway refused: its feedback is no training example

@@ -22,8 +22,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from pipelines.db_schema import columns_of
 from pipelines.serving.service import Text2SQL, result_body
-from pipelines.sql import UnsafeSQL, columns_of, guard
+from pipelines.sql import UnsafeSQL, guard
 
 # The page talks to its own origin only: no CDN, no exfiltration of keys or rows elsewhere.
 _CSP = (

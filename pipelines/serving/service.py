@@ -25,11 +25,12 @@ from starlette.concurrency import run_in_threadpool
 from pipelines.config import DecodingConfig, Params, ServingConfig
 from pipelines.data.records import valid_db_id
 from pipelines.data.schema_fit import fit_schema
+from pipelines.db_schema import ddl_of
 from pipelines.model.decoding import GREEDY, choose, engine_requests, grammar_for
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
 from pipelines.serving.routing import Route
-from pipelines.sql import ExecResult, UnsafeSQL, ddl_of, execute, guard, json_rows
+from pipelines.sql import ExecResult, UnsafeSQL, execute, guard, json_rows
 
 log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60)
