@@ -152,6 +152,9 @@ def test_sql_covers_the_spider_features(generated):
         " JOIN ",
         "(SELECT",
         "NOT IN",
+        " UNION SELECT ",
+        " INTERSECT SELECT ",
+        " EXCEPT SELECT ",
     ]:
         assert feature in text, feature
     two_joins = [e for e in examples if e["sql"].count(" JOIN ") == 2]

@@ -29,7 +29,7 @@ from pipelines.data.patterns import (
 JOIN_PATTERNS: list[Pattern] = []
 
 
-def _from(e: Edge) -> tuple[str, str, str]:
+def edge_join(e: Edge) -> tuple[str, str, str]:
     """`child AS c JOIN parent AS p ON ...` and the two aliases."""
     ca, pa = aliases(e.child, e.parent)
     clause = (
@@ -57,7 +57,7 @@ def join_project(s: Sampler) -> Draft | None:
     if e is None:
         return None
     cc = s.col(e.child, "num", "cat", "date")
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = f"SELECT {ca}.{cc.name}, {pa}.{e.parent.display.name} {frm}"
     return Draft(sql, _slots(s, e, cc=s.label(e.child, cc)))
 
@@ -77,7 +77,7 @@ def join_where(s: Sampler) -> Draft | None:
     # A parent that has children, so the answer is not empty (row i has primary key i + 1).
     parent_id = s.rng.choice(s.rows[e.child.name])[e.fk.name]
     v = s.rows[e.parent.name][parent_id - 1][pd.name]
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = f"SELECT {ca}.{cc.name} {frm} WHERE {pa}.{pd.name} = {lit(v)}"
     return Draft(sql, _slots(s, e, cc=s.label(e.child, cc), v=v))
 
@@ -159,7 +159,7 @@ def join_group_count(s: Sampler) -> Draft | None:
     e = s.edge()
     if e is None:
         return None
-    frm, _, pa = _from(e)
+    frm, _, pa = edge_join(e)
     sql = f"SELECT {pa}.{e.parent.display.name}, COUNT(*) {frm} GROUP BY {pa}.{e.parent.pk.name}"
     return Draft(sql, _slots(s, e))
 
@@ -176,7 +176,7 @@ def join_group_aggregate(s: Sampler) -> Draft | None:
         return None
     cc = s.col(e.child, "num")
     fn, agg, aggn = pick_aggregate(s, cc)
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = (
         f"SELECT {pa}.{e.parent.display.name}, {fn}({ca}.{cc.name}) {frm} "
         f"GROUP BY {pa}.{e.parent.pk.name}"
@@ -196,7 +196,7 @@ def join_category_aggregate(s: Sampler) -> Draft | None:
         return None
     cc, g = s.col(e.child, "num"), s.col(e.parent, "cat")
     fn, agg, aggn = pick_aggregate(s, cc, ("AVG", "SUM", "MAX"))
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = f"SELECT {pa}.{g.name}, {fn}({ca}.{cc.name}) {frm} GROUP BY {pa}.{g.name}"
     slots = _slots(s, e, cc=s.label(e.child, cc), g=s.label(e.parent, g), agg=agg, aggn=aggn)
     return Draft(sql, slots)
@@ -316,7 +316,7 @@ def top_parents_by_count(s: Sampler) -> Draft | None:
     if e is None:
         return None
     k = s.rng.choice([3, 5])
-    frm, _, pa = _from(e)
+    frm, _, pa = edge_join(e)
     sql = (
         f"SELECT {pa}.{e.parent.display.name}, COUNT(*) {frm} GROUP BY {pa}.{e.parent.pk.name} "
         f"ORDER BY COUNT(*) DESC LIMIT {k}"
@@ -340,7 +340,7 @@ def top_parents_in_year(s: Sampler) -> Draft | None:
     if dc is None:
         return None
     y, k = s.year(e.child, dc), s.rng.choice([3, 5])
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = (
         f"SELECT {pa}.{e.parent.display.name}, SUM({ca}.{cc.name}) {frm} "
         f"WHERE {ca}.{dc.name} >= '{y}-01-01' AND {ca}.{dc.name} < '{y + 1}-01-01' "
@@ -367,7 +367,7 @@ def parents_having_order(s: Sampler) -> Draft | None:
         return None
     cc = s.col(e.child, "num")
     k = s.min_group(Counter(r[e.fk.name] for r in s.rows[e.child.name]))
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = (
         f"SELECT {pa}.{e.parent.display.name}, COUNT(*), AVG({ca}.{cc.name}) {frm} "
         f"GROUP BY {pa}.{e.parent.pk.name} HAVING COUNT(*) >= {k} "
@@ -388,7 +388,7 @@ def parents_above_average(s: Sampler) -> Draft | None:
     if e is None:
         return None
     cc = s.col(e.child, "num")
-    frm, ca, pa = _from(e)
+    frm, ca, pa = edge_join(e)
     sql = (
         f"SELECT DISTINCT {pa}.{e.parent.display.name} {frm} "
         f"WHERE {ca}.{cc.name} > (SELECT AVG({cc.name}) FROM {e.child.name})"

@@ -35,13 +35,14 @@ from pipelines.config import SynthConfig, load_params, setup_entry_point
 from pipelines.data.domains import DOMAINS
 from pipelines.data.patterns import Pattern, Sampler
 from pipelines.data.patterns_join import JOIN_PATTERNS
+from pipelines.data.patterns_set import SET_PATTERNS
 from pipelines.data.patterns_table import TABLE_PATTERNS
 from pipelines.data.records import DIFFICULTIES, write_jsonl
 from pipelines.data.schema import Column, Domain, Table
 
 log = logging.getLogger(__name__)
 
-PATTERNS: tuple[Pattern, ...] = (*TABLE_PATTERNS, *JOIN_PATTERNS)
+PATTERNS: tuple[Pattern, ...] = (*TABLE_PATTERNS, *JOIN_PATTERNS, *SET_PATTERNS)
 LANGS = ("ko", "en")
 SQL_TIMEOUT_S = 2.0
 MAX_ATTEMPTS_PER_EXAMPLE = 40  # give up on a domain whose patterns cannot produce more variety
