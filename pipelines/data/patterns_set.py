@@ -15,13 +15,20 @@ from pipelines.data.patterns_join import edge_join
 SET_PATTERNS: list[Pattern] = []
 
 
-@pattern(SET_PATTERNS, "hard",
-    ko=("{g:이} '{v}'이거나 {c:이} {n}보다 {hl} {t}의 {d:을} 보여줘",
+@pattern(
+    SET_PATTERNS,
+    "hard",
+    ko=(
+        "{g:이} '{v}'이거나 {c:이} {n}보다 {hl} {t}의 {d:을} 보여줘",
         "{g:이} '{v}'인 {t:과} {c:이} {n}보다 {hl} {t}의 {d:을} 합쳐서 알려줘",
-        "{c:이} {n}보다 {hl} {t} 또는 {g:이} '{v}'인 {t}의 {d} 목록을 보여줘"),
-    en=("List the {d} of {ts} whose {g} is '{v}' or whose {c} is {hl} {n}.",
+        "{c:이} {n}보다 {hl} {t} 또는 {g:이} '{v}'인 {t}의 {d} 목록을 보여줘",
+    ),
+    en=(
+        "List the {d} of {ts} whose {g} is '{v}' or whose {c} is {hl} {n}.",
         "Show the {d} of {ts} with {g} '{v}', together with those with {c} {hl} {n}.",
-        "Which {ts} either have {g} '{v}' or {c_a} {hl} {n}? Give their {d}."))
+        "Which {ts} either have {g} '{v}' or {c_a} {hl} {n}? Give their {d}.",
+    ),
+)
 def union_of_conditions(s: Sampler) -> Draft | None:
     t = s.table("num", "cat")
     if t is None:
@@ -37,13 +44,20 @@ def union_of_conditions(s: Sampler) -> Draft | None:
     return Draft(sql, s.slots(t, c=c, g=g, d=d, v=v, n=n, hl=hl), t.person)
 
 
-@pattern(SET_PATTERNS, "extra",
-    ko=("{g:이} '{v}'인 {ch:과} '{w}'인 {ch:이} 모두 있는 {p}의 {pd:을} 보여줘",
+@pattern(
+    SET_PATTERNS,
+    "extra",
+    ko=(
+        "{g:이} '{v}'인 {ch:과} '{w}'인 {ch:이} 모두 있는 {p}의 {pd:을} 보여줘",
         "'{v}' {ch:과} '{w}' {ch:을} 둘 다 가진 {p:을} 찾아 줘",
-        "{ch} {g:이} '{v}'인 것과 '{w}'인 것이 모두 있는 {p} 목록을 알려줘"),
-    en=("Which {ps} have both {chs} with {g} '{v}' and {chs} with {g} '{w}'?",
+        "{ch} {g:이} '{v}'인 것과 '{w}'인 것이 모두 있는 {p} 목록을 알려줘",
+    ),
+    en=(
+        "Which {ps} have both {chs} with {g} '{v}' and {chs} with {g} '{w}'?",
         "List the {pd} of {ps} that have {ch_a} of {g} '{v}' and also one of {g} '{w}'.",
-        "Find {ps} with {chs} in both {g} '{v}' and '{w}'."))
+        "Find {ps} with {chs} in both {g} '{v}' and '{w}'.",
+    ),
+)
 def parents_with_both(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("cat")))
     if e is None:
@@ -56,18 +70,31 @@ def parents_with_both(s: Sampler) -> Draft | None:
     frm, ca, pa = edge_join(e)
     pick = f"SELECT {pa}.{e.parent.display.name} {frm} WHERE {ca}.{g.name} = "
     sql = f"{pick}{lit(v)} INTERSECT {pick}{lit(w)}"
-    slots = {"p": e.parent, "ch": e.child, "pd": s.label(e.parent, e.parent.display),
-             "g": s.label(e.child, g), "v": v, "w": w}  # fmt: skip
+    slots = {
+        "p": e.parent,
+        "ch": e.child,
+        "pd": s.label(e.parent, e.parent.display),
+        "g": s.label(e.child, g),
+        "v": v,
+        "w": w,
+    }
     return Draft(sql, slots, e.parent.person)
 
 
-@pattern(SET_PATTERNS, "extra",
-    ko=("{g:이} '{v}'인 {ch:이} 한 번도 없는 {p}의 {pd:을} 보여줘",
+@pattern(
+    SET_PATTERNS,
+    "extra",
+    ko=(
+        "{g:이} '{v}'인 {ch:이} 한 번도 없는 {p}의 {pd:을} 보여줘",
         "'{v}' {ch} 기록이 없는 {p:을} 모두 찾아 줘",
-        "{ch} {g:이} '{v}'인 적이 없는 {p} 목록을 알려줘"),
-    en=("Which {ps} have never had {ch_a} with {g} '{v}'?",
+        "{ch} {g:이} '{v}'인 적이 없는 {p} 목록을 알려줘",
+    ),
+    en=(
+        "Which {ps} have never had {ch_a} with {g} '{v}'?",
         "List the {pd} of {ps} without any {ch} of {g} '{v}'.",
-        "Show all {ps} except those with {chs} whose {g} is '{v}'."))
+        "Show all {ps} except those with {chs} whose {g} is '{v}'.",
+    ),
+)
 def parents_except(s: Sampler) -> Draft | None:
     e = s.edge(child=lambda t: bool(t.cols("cat")))
     if e is None:

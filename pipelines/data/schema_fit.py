@@ -45,8 +45,8 @@ def _words(text: str) -> set[str]:
 
 
 def split_ddl(ddl: str) -> list[TableDDL]:
-    """The CREATE TABLE statements of a DDL text (one per line, as `db_schema.ddl_of` writes them, or
-    `;`-separated), parsed just enough to score and join them."""
+    """The CREATE TABLE statements of a DDL text (one per line, as `db_schema.ddl_of` writes
+    them, or `;`-separated), parsed just enough to score and join them."""
     tables = []
     for statement in (s.strip() for s in ddl.split(";")):
         m = _TABLE.match(statement + ";") if statement else None
