@@ -111,6 +111,7 @@ class TrainConfig(_Block):
     batch_size: int  # examples per micro-batch
     grad_accum: int  # micro-batches per optimizer step
     max_steps: int  # optimizer steps
+    max_minutes: float  # time budget of the loop (0 = none); the schedule shrinks to what fits
     max_length: int  # examples longer than this (tokens) are truncated from the left of the DDL
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where it helps
     shared_prefix: Literal["auto", "on", "off"]  # batch prefix (system + DDL) once; auto: on CPU

@@ -153,6 +153,31 @@ def test_train_loop_alone_returns_its_history(tiny_base_dir, prepared_dir):
     assert [s for s, m in logged if m == ["eval_loss"]] == [2, 3]
 
 
+def test_the_budget_keeps_the_steps_that_fit_and_never_adds_any():
+    cfg = TrainConfig(**{**CFG, "max_steps": 100, "max_minutes": 1.0})
+    # 3 steps in 12 s, the last two took 8 s: 4 s/step, 48 s left -> 12 more.
+    assert loop.steps_in_budget(cfg, 3, 12.0, 8.0) == 15
+    assert loop.steps_in_budget(cfg, 3, 1.0, 0.2) == 100  # fast: max_steps
+    assert loop.steps_in_budget(cfg, 3, 70.0, 60.0) == 4  # over budget: the next step ends it
+    assert loop.steps_in_budget(cfg, 1, 50.0, 0.0) == 100  # one step measures nothing yet
+    assert loop.steps_in_budget(cfg.model_copy(update={"max_minutes": 0}), 3, 1e6, 1e6) == 100
+
+
+def test_a_budget_too_small_for_max_steps_ends_the_schedule_early(tiny_base_dir, prepared_dir):
+    cfg = TrainConfig(**{**CFG, "max_steps": 50, "max_minutes": 1e-6, "eval_every": 100})
+    where = devices.place(cfg)
+    net = loop.build_model_and_optimizer(cfg, tiny_base_dir, where.device)
+    data = batches.prepare_examples(cfg, 0, prepared_dir, net.tok)
+    lrs = []
+    history = loop.train_loop(
+        cfg, net, data, where, loop.History(),
+        log_metrics=lambda m, step: "learning_rate" in m and lrs.append(m["learning_rate"]),
+    )  # fmt: skip
+    assert history.step == history.planned_steps == 3  # two to measure, one to end on
+    assert lrs[-1] == 0.0  # the decay reached 0 at the planned last step, not at step 50
+    assert len(history.eval_losses) == 1  # the last step's
+
+
 @pytest.mark.slow
 def test_train_writes_adapter_and_tracks_run(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg):
     info = _run(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)

@@ -39,6 +39,15 @@ def should_stop(dev_history: list[float], patience: int) -> bool:
 
 
 @dataclass
+class StepPlan:
+    """How many optimizer steps the run takes: `max_steps`, or fewer once `max_minutes` has been
+    measured not to fit them. The learning-rate schedule reads it, so it decays to 0 at the
+    planned last step whichever that is."""
+
+    steps: int
+
+
+@dataclass
 class Trainable:
     """The model being trained and what updates it."""
 
@@ -49,18 +58,31 @@ class Trainable:
     sched: torch.optim.lr_scheduler.LambdaLR
     loss_module: torch.nn.Module  # CompletionLoss(model); accelerate wraps it when launched
     fused: bool  # AdamW's fused kernel (CUDA)
+    plan: StepPlan  # the steps the schedule decays over (train_loop shrinks it to the budget)
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """The learning-rate factor of a step: linear warmup, then linear decay to 0."""
-    warmup = max(1, int(cfg.max_steps * cfg.warmup_ratio))
+def lr_lambda(cfg: TrainConfig, plan: StepPlan) -> Callable[[int], float]:
+    """The learning-rate factor of a step: linear warmup, then linear decay to 0 at the plan's
+    last step (warmup is a share of the planned steps)."""
 
     def factor(step: int) -> float:
+        warmup = max(1, int(plan.steps * cfg.warmup_ratio))
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+        return max(0.0, (plan.steps - step) / max(1, plan.steps - warmup))
 
     return factor
+
+
+def steps_in_budget(cfg: TrainConfig, step: int, elapsed_s: float, measured_s: float) -> int:
+    """The steps a run can take within `max_minutes`, given `step` steps done in `elapsed_s`
+    seconds of which the steps after the first took `measured_s` (the first one warms caches
+    and is not typical). Never more than `max_steps`, never fewer than done (+1)."""
+    if cfg.max_minutes <= 0 or step < 2:
+        return cfg.max_steps
+    per_step = measured_s / (step - 1)
+    left = cfg.max_minutes * 60 - elapsed_s
+    return max(step + 1, min(cfg.max_steps, step + int(left // per_step)))
 
 
 def build_model_and_optimizer(cfg: TrainConfig, base_dir: Path, device: torch.device) -> Trainable:
@@ -74,8 +96,9 @@ def build_model_and_optimizer(cfg: TrainConfig, base_dir: Path, device: torch.de
     optim = torch.optim.AdamW(
         params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
-    return Trainable(model, tok, params, optim, sched, CompletionLoss(model), fused)
+    plan = StepPlan(cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, plan))
+    return Trainable(model, tok, params, optim, sched, CompletionLoss(model), fused, plan)
 
 
 @dataclass
@@ -88,6 +111,7 @@ class History:
     resumed_at: int = 0  # the step this process started from (a checkpoint's)
     tokens: int = 0  # example tokens this process trained on
     seconds: float = 0.0  # this process's time in the loop
+    planned_steps: int = 0  # the plan's last step when the loop ended (max_steps or the budget's)
 
     @property
     def tokens_per_s(self) -> float:
@@ -107,13 +131,16 @@ def train_loop(
     log_metrics: Callable[[dict[str, float], int], None] = untracked,
     checkpoint: Callable[[History], None] | None = None,
 ) -> History:
-    """Optimizer steps from `history.step` to `cfg.max_steps` or an early stop. Train metrics
-    go to `log_metrics` every `log_every` steps, the dev loss every `eval_every`; `checkpoint`
+    """Optimizer steps from `history.step` to the plan's last step (`cfg.max_steps`, fewer when
+    `cfg.max_minutes` does not fit them) or an early stop. Train metrics go to `log_metrics`
+    every `log_every` steps, the dev loss every `eval_every` and at the last step; `checkpoint`
     is called every `checkpoint_every` steps. Returns `history`, extended."""
     net.loss_module.train()
+    plan = net.plan
     start = time.monotonic()
     window_start, window_tokens = start, 0
-    while history.step < cfg.max_steps:
+    first_done = None  # when this process's first step ended (the budget's estimate starts there)
+    while history.step < plan.steps:
         if should_stop(history.eval_losses, cfg.early_stopping_patience):
             break
         loss, grad_norm, n_tokens = _optimizer_step(cfg, net, data, where, history.step)
@@ -122,16 +149,28 @@ def train_loop(
         history.tokens += n_tokens
         window_tokens += n_tokens
         step = history.step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            now = time.monotonic()
+        now = time.monotonic()
+        first_done = first_done or now
+        if cfg.max_minutes > 0:
+            done_here = step - history.resumed_at
+            fit = steps_in_budget(cfg, done_here, now - start, now - first_done)
+            # Every rank takes the same number of steps: they average their estimates.
+            fit = history.resumed_at + int(where.procs.mean(float(fit)))
+            if fit < plan.steps:
+                if plan.steps == cfg.max_steps:
+                    msg = "max_minutes %.1f fits %d of %d steps (%.1f s/step): schedule ends there"
+                    per_step = (now - first_done) / max(1, done_here - 1)
+                    log.info(msg, cfg.max_minutes, fit, cfg.max_steps, per_step)
+                plan.steps = fit
+        if step % cfg.log_every == 0 or step == plan.steps:
             tps = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
             lr = net.sched.get_last_lr()[0]
             metrics = {"train_loss": loss, "learning_rate": lr, "grad_norm": grad_norm}
             log_metrics({**metrics, "tokens_per_s": tps}, step)
             msg = "step %d/%d loss %.4f lr %.2e grad %.2f %.0f tok/s"
-            log.info(msg, step, cfg.max_steps, loss, lr, grad_norm, tps)
-        if data.dev and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            log.info(msg, step, plan.steps, loss, lr, grad_norm, tps)
+        if data.dev and (step % cfg.eval_every == 0 or step == plan.steps):
             with where.autocast():
                 dev_batches = [_batch(data.dev, b, net.tok, where) for b in data.dev_batches]
                 dev_loss = eval_loss(net.loss_module, dev_batches)
@@ -139,9 +178,10 @@ def train_loop(
             history.eval_losses.append(dev_loss)
             log_metrics({"eval_loss": dev_loss}, step)
             msg = "step %d/%d eval loss %.4f (%d dev examples)"
-            log.info(msg, step, cfg.max_steps, dev_loss, len(data.dev))
-        if checkpoint and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            log.info(msg, step, plan.steps, dev_loss, len(data.dev))
+        if checkpoint and step % cfg.checkpoint_every == 0 and step < plan.steps:
             checkpoint(history)
+    history.planned_steps = plan.steps
     history.seconds = time.monotonic() - start
     return history
 

@@ -191,7 +191,8 @@ def _train_info(
         "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])),
         "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "eval_loss": history.eval_losses[-1] if history.eval_losses else None,
-        "early_stopped": history.step < cfg.max_steps,
+        "early_stopped": history.step < history.planned_steps,
+        "planned_steps": history.planned_steps,  # < max_steps: max_minutes did not fit them
         "seconds": history.seconds,
         "tokens_per_s": history.tokens_per_s,
         "s_per_step": history.seconds / max(1, history.step - history.resumed_at),
