@@ -213,7 +213,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from pipelines.bench import decoding
 
         table = decoding.run(
-            load_params(), args.split, args.n, args.adapter, args.requests, not args.no_serving
+            load_params(),
+            args.split,
+            args.n,
+            args.adapter,
+            args.requests,
+            not args.no_serving,
+            args.rows,
         )
         print(table.read_text())
         print(f"written to {table}")
@@ -283,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--adapter", type=Path, help="decoding: adapter (default: paths.adapter)")
     ex.add_argument("--requests", type=int, default=32, help="decoding: gateway requests")
     ex.add_argument("--no-serving", action="store_true", help="decoding: offline rows only")
+    ex.add_argument(
+        "--rows",
+        choices=["all", "bound"],
+        default="all",
+        help="decoding: bound = greedy and params.yaml's decoding only (the latency bound's)",
+    )
     ev = sub.add_parser("eval", help="evaluate a registered model or the base model on a dataset")
     ev.add_argument("--dataset", required=True, help="spider:<dir> (a Spider-format folder)")
     ev.add_argument(

@@ -311,3 +311,13 @@ def test_decoding_experiment_table(tmp_path, tiny_base_dir, prepared_dir):
     assert [r["ddl"].count("CREATE TABLE") for r in plain] == [
         r["ddl"].count("CREATE TABLE") for r in records
     ]
+
+
+def test_the_bound_rows_are_greedy_and_the_default():
+    from pipelines.bench.decoding import variants
+
+    rows = variants(P.decoding, 3, "bound")
+    assert list(rows) == ["greedy", "params.yaml decoding"]
+    assert (rows["greedy"].n, rows["greedy"].grammar) == (1, False)
+    assert rows["params.yaml decoding"] == P.decoding
+    assert len(variants(P.decoding, 3)) == 4

@@ -155,12 +155,13 @@ def test_train_loop_alone_returns_its_history(tiny_base_dir, prepared_dir):
 
 def test_the_budget_keeps_the_steps_that_fit_and_never_adds_any():
     cfg = TrainConfig(**{**CFG, "max_steps": 100, "max_minutes": 1.0})
-    # 3 steps in 12 s, the last two took 8 s: 4 s/step, 48 s left -> 12 more.
-    assert loop.steps_in_budget(cfg, 3, 12.0, 8.0) == 15
-    assert loop.steps_in_budget(cfg, 3, 1.0, 0.2) == 100  # fast: max_steps
-    assert loop.steps_in_budget(cfg, 3, 70.0, 60.0) == 4  # over budget: the next step ends it
-    assert loop.steps_in_budget(cfg, 1, 50.0, 0.0) == 100  # one step measures nothing yet
-    assert loop.steps_in_budget(cfg.model_copy(update={"max_minutes": 0}), 3, 1e6, 1e6) == 100
+    # 4 steps in 16 s, the last three took 12 s: 4 s/step, 44 s left -> 11 more.
+    assert loop.steps_in_budget(cfg, 4, 4, 16.0, 12.0) == 15
+    assert loop.steps_in_budget(cfg, 4, 4, 1.0, 0.3) == 100  # fast: max_steps
+    assert loop.steps_in_budget(cfg, 4, 4, 70.0, 60.0) == 4  # over budget: it ends now
+    assert loop.steps_in_budget(cfg, 3, 3, 50.0, 40.0) == 100  # too few steps measured yet
+    assert loop.steps_in_budget(cfg, 24, 4, 16.0, 12.0) == 35  # resumed at step 20
+    assert loop.steps_in_budget(cfg.model_copy(update={"max_minutes": 0}), 4, 4, 1e6, 1e6) == 100
 
 
 def test_a_budget_too_small_for_max_steps_ends_the_schedule_early(tiny_base_dir, prepared_dir):
@@ -173,8 +174,9 @@ def test_a_budget_too_small_for_max_steps_ends_the_schedule_early(tiny_base_dir,
         cfg, net, data, where, loop.History(),
         log_metrics=lambda m, step: "learning_rate" in m and lrs.append(m["learning_rate"]),
     )  # fmt: skip
-    assert history.step == history.planned_steps == 3  # two to measure, one to end on
-    assert lrs[-1] == 0.0  # the decay reached 0 at the planned last step, not at step 50
+    assert history.step == history.planned_steps == 4  # three measured, then over budget
+    assert net.sched.lr_lambdas[0](4) == 0.0  # the decay now ends at step 4, not at step 50
+    assert lrs[-1] > 0  # (it was planned for 50 when step 4 ran)
     assert len(history.eval_losses) == 1  # the last step's
 
 

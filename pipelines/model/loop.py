@@ -74,15 +74,20 @@ def lr_lambda(cfg: TrainConfig, plan: StepPlan) -> Callable[[int], float]:
     return factor
 
 
-def steps_in_budget(cfg: TrainConfig, step: int, elapsed_s: float, measured_s: float) -> int:
-    """The steps a run can take within `max_minutes`, given `step` steps done in `elapsed_s`
-    seconds of which the steps after the first took `measured_s` (the first one warms caches
-    and is not typical). Never more than `max_steps`, never fewer than done (+1)."""
-    if cfg.max_minutes <= 0 or step < 2:
+def steps_in_budget(
+    cfg: TrainConfig, step: int, done: int, elapsed_s: float, measured_s: float
+) -> int:
+    """The last step a run can reach within `max_minutes`, at `step` after this process did
+    `done` steps in `elapsed_s` seconds, of which the steps after its first took `measured_s`
+    (the first one warms caches and is not typical). Re-estimated after every step, so one
+    slow step early on (another process on the cores) does not cut the run for good. Never
+    beyond `max_steps`, never before `step` (over budget: stop now); `max_steps` until three
+    steps are measured."""
+    if cfg.max_minutes <= 0 or done < 4:
         return cfg.max_steps
-    per_step = measured_s / (step - 1)
+    per_step = measured_s / (done - 1)
     left = cfg.max_minutes * 60 - elapsed_s
-    return max(step + 1, min(cfg.max_steps, step + int(left // per_step)))
+    return max(step, min(cfg.max_steps, step + int(left // per_step)))
 
 
 def build_model_and_optimizer(cfg: TrainConfig, base_dir: Path, device: torch.device) -> Trainable:
@@ -153,14 +158,13 @@ def train_loop(
         first_done = first_done or now
         if cfg.max_minutes > 0:
             done_here = step - history.resumed_at
-            fit = steps_in_budget(cfg, done_here, now - start, now - first_done)
+            fit = steps_in_budget(cfg, step, done_here, now - start, now - first_done)
             # Every rank takes the same number of steps: they average their estimates.
-            fit = history.resumed_at + int(where.procs.mean(float(fit)))
-            if fit < plan.steps:
-                if plan.steps == cfg.max_steps:
-                    msg = "max_minutes %.1f fits %d of %d steps (%.1f s/step): schedule ends there"
-                    per_step = (now - first_done) / max(1, done_here - 1)
-                    log.info(msg, cfg.max_minutes, fit, cfg.max_steps, per_step)
+            fit = int(where.procs.mean(float(fit)))
+            if fit != plan.steps:
+                per_step = (now - first_done) / max(1, done_here - 1)
+                msg = "max_minutes %.1f fits %d of %d steps (%.1f s/step): the schedule ends there"
+                log.info(msg, cfg.max_minutes, fit, cfg.max_steps, per_step)
                 plan.steps = fit
         if step % cfg.log_every == 0 or step == plan.steps:
             tps = window_tokens / max(now - window_start, 1e-9)
