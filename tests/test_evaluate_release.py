@@ -144,10 +144,17 @@ def test_evaluate_scores_the_tuned_model_on_the_selection_split(
     write_jsonl(prepared_dir / "selection.jsonl", [r | {"split": "selection"} for r in held_out])
     p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
     _train(p)
+    asked = []  # prompts per generation: the tuned model answers both splits in one (one start-up)
+    real_generate = evaluate.generate
+    monkeypatch.setattr(
+        evaluate, "generate", lambda spec, tok, prompts, *a: asked.append(len(prompts))
+        or real_generate(spec, tok, prompts, *a),
+    )  # fmt: skip
     metrics, rows = evaluate.run(
         p.evaluate, 0, tiny_base_dir, p.path("adapter"), prepared_dir, p.path("judge_cache"),
         VLLMRuntime.of(p), GREEDY,
     )  # fmt: skip
+    assert asked == [metrics["n_examples"], metrics["n_examples"] + 4]
     picked = metrics["selection"]
     assert picked["domains"] == ["game"] and picked["n_examples"] == 4
     assert set(picked) == {"domains", "n_examples", "tuned"}

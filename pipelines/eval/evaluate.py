@@ -131,16 +131,26 @@ def evaluate_models(
     vllm: VLLMRuntime,
     decoding: DecodingConfig,
     predictions: Path | None = None,
+    selection: tuple[list[dict], list[sqlmod.ExecResult]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate, score and judge every model on the same examples; one model in memory at a
     time. Returns (metrics in the eval.json shape, one `M` block per model name; rows).
 
+    `selection` (records, gold results): the model-selection split, which the last model also
+    answers in the same generation (one engine start-up, ~4 min for vLLM on a 2-core AVX2 CPU);
+    scored apart under `metrics["selection"]`, its rows not among the returned ones.
+
     With `predictions`, the scored rows of every finished model are written there as soon as
     it finishes (unjudged; the report rewrites the file at the end), so that a later model or
     the judge failing loses only what was not finished."""
-    all_rows, speed = [], {}
+    all_rows, speed, picked = [], {}, []
+    last = list(models)[-1]
     for name, load in models.items():
-        rows, gen = evaluate_model(load(), records, gold, db_dir, cfg, vllm, decoding)
+        extra, extra_gold = selection if selection and name == last else ([], [])
+        rows, gen = evaluate_model(
+            load(), records + extra, gold + extra_gold, db_dir, cfg, vllm, decoding
+        )
+        rows, picked = rows[: len(records)], [{"model": name, **r} for r in rows[len(records) :]]
         speed[name] = gen.tokens_per_s
         all_rows += [{"model": name, **row} for row in rows]
         if predictions is not None:
@@ -167,6 +177,13 @@ def evaluate_models(
     for name in models:
         rows = [r for r in all_rows if r["model"] == name]
         metrics[name] = summarize(rows, cfg.bootstrap_samples, seed, speed[name], failures_only)
+    if picked:
+        apply_judge(picked, selection[0], cfg, judge_cache)
+        metrics["selection"] = {
+            "domains": sorted({r["domain"] for r in selection[0]}),
+            "n_examples": len(selection[0]),
+            last: summarize(picked, cfg.bootstrap_samples, seed, speed[last], failures_only),
+        }
     return metrics, all_rows
 
 
@@ -191,20 +208,20 @@ def run(
         "tuned": lambda: ModelSpec(base_dir, adapter_dir),
     }
     records, gold = split_with_gold(prepared_dir, "eval", cfg, seed)
-    metrics, rows = evaluate_models(
-        models, records, gold, db_dir, cfg, seed, judge_cache, vllm, decoding, predictions
+    selection = split_with_gold(prepared_dir, "selection", cfg, seed)
+    return evaluate_models(
+        models,
+        records,
+        gold,
+        db_dir,
+        cfg,
+        seed,
+        judge_cache,
+        vllm,
+        decoding,
+        predictions,
+        selection if selection[0] else None,
     )
-    selection, gold = split_with_gold(prepared_dir, "selection", cfg, seed)
-    if selection:
-        tuned = {"tuned": models["tuned"]}
-        picked, _ = evaluate_models(
-            tuned, selection, gold, db_dir, cfg, seed, judge_cache, vllm, decoding
-        )
-        domains = sorted({r["domain"] for r in selection})
-        metrics["selection"] = {"domains": domains, "n_examples": len(selection)} | {
-            "tuned": picked["tuned"]
-        }
-    return metrics, rows
 
 
 def split_with_gold(

@@ -161,11 +161,11 @@ def train_loop(
             fit = steps_in_budget(cfg, step, done_here, now - start, now - first_done)
             # Every rank takes the same number of steps: they average their estimates.
             fit = int(where.procs.mean(float(fit)))
-            if fit != plan.steps:
+            if abs(fit - plan.steps) >= max(5, plan.steps // 10):  # log the moves that matter
                 per_step = (now - first_done) / max(1, done_here - 1)
                 msg = "max_minutes %.1f fits %d of %d steps (%.1f s/step): the schedule ends there"
                 log.info(msg, cfg.max_minutes, fit, cfg.max_steps, per_step)
-                plan.steps = fit
+            plan.steps = fit
         if step % cfg.log_every == 0 or step == plan.steps:
             tps = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
