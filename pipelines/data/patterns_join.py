@@ -39,7 +39,7 @@ def edge_join(e: Edge) -> tuple[str, str, str]:
     return clause, ca, pa
 
 
-def _slots(s: Sampler, e: Edge, **extra: object) -> dict[str, object]:
+def edge_slots(s: Sampler, e: Edge, **extra: object) -> dict[str, object]:
     return {"p": e.parent, "ch": e.child, "pd": s.label(e.parent, e.parent.display), **extra}
 
 
@@ -59,7 +59,7 @@ def join_project(s: Sampler) -> Draft | None:
     cc = s.col(e.child, "num", "cat", "date")
     frm, ca, pa = edge_join(e)
     sql = f"SELECT {ca}.{cc.name}, {pa}.{e.parent.display.name} {frm}"
-    return Draft(sql, _slots(s, e, cc=s.label(e.child, cc)))
+    return Draft(sql, edge_slots(s, e, cc=s.label(e.child, cc)))
 
 
 @pattern(JOIN_PATTERNS, "medium",
@@ -79,7 +79,7 @@ def join_where(s: Sampler) -> Draft | None:
     v = s.rows[e.parent.name][parent_id - 1][pd.name]
     frm, ca, pa = edge_join(e)
     sql = f"SELECT {ca}.{cc.name} {frm} WHERE {pa}.{pd.name} = {lit(v)}"
-    return Draft(sql, _slots(s, e, cc=s.label(e.child, cc), v=v))
+    return Draft(sql, edge_slots(s, e, cc=s.label(e.child, cc), v=v))
 
 
 # --- hard: subqueries and HAVING + ORDER BY on one table -----------------------------------------
@@ -161,7 +161,7 @@ def join_group_count(s: Sampler) -> Draft | None:
         return None
     frm, _, pa = edge_join(e)
     sql = f"SELECT {pa}.{e.parent.display.name}, COUNT(*) {frm} GROUP BY {pa}.{e.parent.pk.name}"
-    return Draft(sql, _slots(s, e))
+    return Draft(sql, edge_slots(s, e))
 
 
 @pattern(JOIN_PATTERNS, "hard",
@@ -181,7 +181,7 @@ def join_group_aggregate(s: Sampler) -> Draft | None:
         f"SELECT {pa}.{e.parent.display.name}, {fn}({ca}.{cc.name}) {frm} "
         f"GROUP BY {pa}.{e.parent.pk.name}"
     )
-    return Draft(sql, _slots(s, e, cc=s.label(e.child, cc), agg=agg, aggn=aggn))
+    return Draft(sql, edge_slots(s, e, cc=s.label(e.child, cc), agg=agg, aggn=aggn))
 
 
 @pattern(JOIN_PATTERNS, "hard",
@@ -198,7 +198,7 @@ def join_category_aggregate(s: Sampler) -> Draft | None:
     fn, agg, aggn = pick_aggregate(s, cc, ("AVG", "SUM", "MAX"))
     frm, ca, pa = edge_join(e)
     sql = f"SELECT {pa}.{g.name}, {fn}({ca}.{cc.name}) {frm} GROUP BY {pa}.{g.name}"
-    slots = _slots(s, e, cc=s.label(e.child, cc), g=s.label(e.parent, g), agg=agg, aggn=aggn)
+    slots = edge_slots(s, e, cc=s.label(e.child, cc), g=s.label(e.parent, g), agg=agg, aggn=aggn)
     return Draft(sql, slots)
 
 
@@ -220,7 +220,7 @@ def parent_in_subquery(s: Sampler) -> Draft | None:
         f"SELECT {p.display.name} FROM {p.name} WHERE {p.pk.name} IN "
         f"(SELECT {e.fk.name} FROM {e.child.name} WHERE {g.name} = {lit(v)})"
     )
-    return Draft(sql, _slots(s, e, g=s.label(e.child, g), v=v), p.person)
+    return Draft(sql, edge_slots(s, e, g=s.label(e.child, g), v=v), p.person)
 
 
 @pattern(JOIN_PATTERNS, "hard",
@@ -237,7 +237,7 @@ def parent_without_child(s: Sampler) -> Draft | None:
         f"SELECT {p.display.name} FROM {p.name} WHERE {p.pk.name} NOT IN "
         f"(SELECT {e.fk.name} FROM {e.child.name})"
     )
-    return Draft(sql, _slots(s, e), p.person)
+    return Draft(sql, edge_slots(s, e), p.person)
 
 
 @pattern(JOIN_PATTERNS, "hard",
@@ -257,7 +257,7 @@ def parent_with_many(s: Sampler) -> Draft | None:
         f"(SELECT {e.fk.name} FROM {e.child.name} GROUP BY {e.fk.name} "
         f"HAVING COUNT(*) >= {k})"
     )
-    return Draft(sql, _slots(s, e, k=k), p.person)
+    return Draft(sql, edge_slots(s, e, k=k), p.person)
 
 
 def _two_parents(s: Sampler) -> tuple | None:
@@ -321,7 +321,7 @@ def top_parents_by_count(s: Sampler) -> Draft | None:
         f"SELECT {pa}.{e.parent.display.name}, COUNT(*) {frm} GROUP BY {pa}.{e.parent.pk.name} "
         f"ORDER BY COUNT(*) DESC LIMIT {k}"
     )
-    return Draft(sql, _slots(s, e, k=k), e.parent.person)
+    return Draft(sql, edge_slots(s, e, k=k), e.parent.person)
 
 
 @pattern(JOIN_PATTERNS, "extra",
@@ -346,7 +346,7 @@ def top_parents_in_year(s: Sampler) -> Draft | None:
         f"WHERE {ca}.{dc.name} >= '{y}-01-01' AND {ca}.{dc.name} < '{y + 1}-01-01' "
         f"GROUP BY {pa}.{e.parent.pk.name} ORDER BY SUM({ca}.{cc.name}) DESC LIMIT {k}"
     )
-    slots = _slots(s, e, cc=s.label(e.child, cc), dc=s.label(e.child, dc), y=y, k=k)
+    slots = edge_slots(s, e, cc=s.label(e.child, cc), dc=s.label(e.child, dc), y=y, k=k)
     return Draft(sql, slots, e.parent.person)
 
 
@@ -373,7 +373,7 @@ def parents_having_order(s: Sampler) -> Draft | None:
         f"GROUP BY {pa}.{e.parent.pk.name} HAVING COUNT(*) >= {k} "
         f"ORDER BY AVG({ca}.{cc.name}) DESC"
     )
-    return Draft(sql, _slots(s, e, cc=s.label(e.child, cc), k=k))
+    return Draft(sql, edge_slots(s, e, cc=s.label(e.child, cc), k=k))
 
 
 @pattern(JOIN_PATTERNS, "extra",
@@ -393,7 +393,7 @@ def parents_above_average(s: Sampler) -> Draft | None:
         f"SELECT DISTINCT {pa}.{e.parent.display.name} {frm} "
         f"WHERE {ca}.{cc.name} > (SELECT AVG({cc.name}) FROM {e.child.name})"
     )
-    return Draft(sql, _slots(s, e, cc=s.label(e.child, cc)), e.parent.person)
+    return Draft(sql, edge_slots(s, e, cc=s.label(e.child, cc)), e.parent.person)
 
 
 @pattern(JOIN_PATTERNS, "extra",

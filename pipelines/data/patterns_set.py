@@ -10,7 +10,7 @@ threshold. Used by `pipelines.data.synth`; the machinery is in `pipelines.data.p
 from __future__ import annotations
 
 from pipelines.data.patterns import Draft, Label, Pattern, Sampler, lit, pattern
-from pipelines.data.patterns_join import edge_join
+from pipelines.data.patterns_join import edge_join, edge_slots
 
 SET_PATTERNS: list[Pattern] = []
 
@@ -70,15 +70,7 @@ def parents_with_both(s: Sampler) -> Draft | None:
     frm, ca, pa = edge_join(e)
     pick = f"SELECT {pa}.{e.parent.display.name} {frm} WHERE {ca}.{g.name} = "
     sql = f"{pick}{lit(v)} INTERSECT {pick}{lit(w)}"
-    slots = {
-        "p": e.parent,
-        "ch": e.child,
-        "pd": s.label(e.parent, e.parent.display),
-        "g": s.label(e.child, g),
-        "v": v,
-        "w": w,
-    }
-    return Draft(sql, slots, e.parent.person)
+    return Draft(sql, edge_slots(s, e, g=s.label(e.child, g), v=v, w=w), e.parent.person)
 
 
 @pattern(
@@ -107,5 +99,4 @@ def parents_except(s: Sampler) -> Draft | None:
         f"SELECT {pd.name} FROM {p.name} EXCEPT "
         f"SELECT {pa}.{pd.name} {frm} WHERE {ca}.{g.name} = {lit(v)}"
     )
-    slots = {"p": p, "ch": e.child, "pd": s.label(p, pd), "g": s.label(e.child, g), "v": v}
-    return Draft(sql, slots, p.person)
+    return Draft(sql, edge_slots(s, e, g=s.label(e.child, g), v=v), p.person)
