@@ -252,6 +252,7 @@ class VLLMConfig(_Block):
     dtype: Literal["auto", "bfloat16", "float32"]  # auto: bf16 where the hardware has it (CUDA,
     # AVX512-BF16/AMX), float32 elsewhere (emulated bf16 was 4-5x slower: stack-notes)
     cpu_threads_bind: str  # VLLM_CPU_OMP_THREADS_BIND on CPU ("auto" = vLLM's own binding)
+    enforce_eager: bool  # no torch.compile warm-up at engine start (offline and merged serving)
 
 
 class MlflowConfig(_Block):

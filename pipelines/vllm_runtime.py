@@ -27,6 +27,7 @@ class VLLMRuntime:
     max_model_len: int  # prompt + generated tokens
     dtype: str = "auto"  # vllm.dtype: auto = bf16 where the hardware has it (devices.vllm_dtype)
     cpu_threads_bind: str = "auto"  # vllm.cpu_threads_bind: VLLM_CPU_OMP_THREADS_BIND
+    enforce_eager: bool = False  # vllm.enforce_eager: skip torch.compile at engine start
 
     @classmethod
     def of(cls, p: Params) -> VLLMRuntime:
@@ -39,6 +40,7 @@ class VLLMRuntime:
             max_model_len=p.vllm.max_model_len,
             dtype=p.vllm.dtype,
             cpu_threads_bind=p.vllm.cpu_threads_bind,
+            enforce_eager=p.vllm.enforce_eager,
         )
 
     @property

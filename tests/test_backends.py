@@ -17,7 +17,7 @@ from pipelines.model import backends
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer, pick_backend
 from pipelines.model.base import load_base
 from pipelines.model.decoding import GREEDY
-from pipelines.model.generate import generate_sql
+from pipelines.model.generate import Generation, generate_sql
 from pipelines.model.merge import INFO_FILE, merged_model_dir
 from pipelines.model.prompt import build_prompt
 from pipelines.sql import extract_sql
@@ -107,12 +107,37 @@ def test_backend_choice_by_expected_time():
         "transformers",
         "vLLM is not installed",
     )
+    # Figures measured on this machine win over evaluate.speed's: a slow engine start-up here.
+    slow_start = {"vllm": {"start_s": 250, "tok_s": 300}}
+    backend, why = pick_backend(auto, 6000, None, "bfloat16", slow_start)
+    assert backend == "transformers" and "vllm: measured here" in why
+    fast_fp32 = {"vllm": {"start_s": 40, "tok_s": 100}}
+    assert pick_backend(auto, 12000, None, "float32", fast_fp32)[0] == "vllm"  # 160 vs 200 s
     forced = CFG.model_copy(update={"backend": "transformers"})
     assert pick_backend(forced, 1000, None)[0] == "transformers"
     wanted = CFG.model_copy(update={"backend": "vllm"})
     assert pick_backend(wanted, 1, None)[0] == "vllm"
     with pytest.raises(RuntimeError, match="not installed"):
         pick_backend(wanted, 64, "vLLM is not installed")
+
+
+def test_measured_speeds_are_kept_per_backend_and_path(tmp_path):
+    """What a generation measured is what `auto` reads next time; small runs are not kept."""
+    assert backends.measured_speeds(tmp_path) == {}
+    keys = backends.speed_keys(tmp_path / "base", "float32", batched=False)
+    model = (tmp_path / "base").resolve()
+    assert keys == {
+        "vllm": f"{model} vllm-float32",
+        "transformers": f"{model} transformers-per-prompt",
+    }
+    big = Generation([], [], 6000, 60.0, "vllm", load_seconds=41.3)
+    backends.record_speed(tmp_path, keys["vllm"], big)
+    backends.record_speed(tmp_path, keys["transformers"], Generation([], [], 50, 1.0))
+    assert backends.measured_speeds(tmp_path) == {
+        keys["vllm"]: {"tok_s": 100.0, "start_s": 41.3, "tokens": 6000}
+    }
+    (tmp_path / backends.SPEED_FILE).write_text("{not json")
+    assert backends.measured_speeds(tmp_path) == {}
 
 
 def _prompts(tok, prepared_dir):
@@ -162,8 +187,10 @@ def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     prompts = _prompts(tok, prepared_dir)
     cfg = CFG.model_copy(update={"backend": "vllm"})
 
-    gen = generate(spec, tok, prompts, cfg, runtime(tmp_path, max_model_len=1024), GREEDY)
+    rt = runtime(tmp_path, max_model_len=1024, enforce_eager=True)
+    gen = generate(spec, tok, prompts, cfg, rt, GREEDY)
     assert gen.backend == "vllm" and len(gen.texts) == len(gen.sql) == len(prompts)
+    assert "enforce_eager=True" in (rt.run_dir / "vllm-offline.log").read_text()
     assert 0 < gen.new_tokens <= len(prompts) * cfg.max_new_tokens and gen.tokens_per_s > 0
     assert gen.load_seconds > 0
     assert gen.sql == [extract_sql(t) for t in gen.texts]  # the same extraction as transformers

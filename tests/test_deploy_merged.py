@@ -102,6 +102,10 @@ def test_vllm_command_merged_vs_adapters():
     assert "--enable-lora" not in cmd and "--max-lora-rank" not in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "text2sql-v3"
     assert cmd[cmd.index("--model") + 1] == "/m/abc"
+    eager = merged.replace(vllm={"enforce_eager": True})
+    assert "--enforce-eager" in vllm_command(eager, Path("/m/abc"), "text2sql-v3")
+    compiled = merged.replace(vllm={"enforce_eager": False})
+    assert "--enforce-eager" not in vllm_command(compiled, Path("/m/abc"), "text2sql-v3")
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env(merged)
     with pytest.raises(ValueError):
         vllm_command(merged)

@@ -12,8 +12,9 @@ go through `pipelines.model.decoding.choose` (as the gateway's do). `evaluate.ba
 - `transformers`: `pipelines.model.generate` in this process (greedy: batched, left padding,
   shared-prefix KV cache; candidates or a grammar: per prompt, xgrammar's logits processor);
 - `auto`: the one expected to finish first for this many tokens: vLLM's engine start-up plus
-  tokens at its speed for the dtype it gets here, against transformers' speed
-  (`evaluate.speed`, measured figures); if the vLLM run fails, a warning and transformers.
+  tokens at its speed for the dtype it gets here, against transformers' speed: the figures the
+  last generations measured on this machine (`<paths.run_dir>/generation_speed.json`), else
+  `evaluate.speed`'s; if the vLLM run fails, a warning and transformers.
 
 Both backends get the same token ids and the same requests (`decoding.engine_requests`), stop
 after the first `;` or at end of turn, and their output goes through the same `extract_sql`.
@@ -40,6 +41,8 @@ from pipelines.vllm_runtime import VLLMRuntime
 log = logging.getLogger(__name__)
 VLLM_SCRIPT = Path(__file__).with_name("vllm_offline.py")
 _vllm_failed: list[str] = []  # a failure in this process: `auto` does not try vLLM again
+SPEED_FILE = "generation_speed.json"  # in paths.run_dir: speeds measured on this machine
+MIN_MEASURED_TOKENS = 1000  # smaller generations (tests, smoke checks) are not kept as figures
 
 
 @dataclass(frozen=True)
@@ -73,22 +76,64 @@ def vllm_problem(vllm: VLLMRuntime) -> str | None:
     return None
 
 
-def expected_seconds(cfg: EvaluateConfig, n_tokens: int, dtype: str) -> dict[str, float]:
-    """Expected wall time per backend for `n_tokens` generated tokens (`evaluate.speed`); vLLM
-    in fp32 runs at its fp32 figure (a machine without native bf16)."""
-    s = cfg.speed
-    vllm_tok_s = s.vllm_tok_s if dtype == "bfloat16" else s.vllm_fp32_tok_s
+def speed_keys(base_dir: Path, dtype: str, batched: bool) -> dict[str, str]:
+    """The names a backend's measured speed is kept under (`SPEED_FILE`): per base model, vLLM
+    by dtype, transformers by path (batched greedy, or one prompt at a time for candidates or
+    a grammar)."""
+    model, path = Path(base_dir).resolve(), "batched" if batched else "per-prompt"
+    return {"vllm": f"{model} vllm-{dtype}", "transformers": f"{model} transformers-{path}"}
+
+
+def measured_speeds(run_dir: Path) -> dict[str, dict]:
+    """Speeds measured by earlier generations on this machine (`SPEED_FILE`; {} when none)."""
+    try:
+        return json.loads((run_dir / SPEED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_speed(run_dir: Path, key: str, gen: Generation) -> None:
+    """Keep a generation's speed (and engine start-up) for `auto`'s next choice on this machine;
+    runs under MIN_MEASURED_TOKENS tokens say little and are not kept."""
+    if gen.new_tokens < MIN_MEASURED_TOKENS or gen.seconds <= 0:
+        return
+    speeds = measured_speeds(run_dir)
+    speeds[key] = {"tok_s": round(gen.tokens_per_s, 1), "start_s": round(gen.load_seconds, 1),
+                   "tokens": gen.new_tokens}  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{SPEED_FILE}.tmp"
+    tmp.write_text(json.dumps(speeds, indent=1, sort_keys=True))
+    tmp.replace(run_dir / SPEED_FILE)
+
+
+def expected_seconds(
+    cfg: EvaluateConfig, n_tokens: int, dtype: str, measured: dict[str, dict] | None = None
+) -> dict[str, float]:
+    """Expected wall time per backend for `n_tokens` generated tokens: from `measured` (this
+    machine's figures, per backend, see `speed_keys`) where present, else `evaluate.speed`;
+    vLLM in fp32 runs at its fp32 figure (a machine without native bf16)."""
+    s, measured = cfg.speed, measured or {}
+    vllm = measured.get("vllm") or {
+        "start_s": s.vllm_start_s,
+        "tok_s": s.vllm_tok_s if dtype == "bfloat16" else s.vllm_fp32_tok_s,
+    }
+    transformers = measured.get("transformers") or {"tok_s": s.transformers_tok_s}
     return {
-        "vllm": s.vllm_start_s + n_tokens / vllm_tok_s,
-        "transformers": n_tokens / s.transformers_tok_s,
+        "vllm": vllm["start_s"] + n_tokens / vllm["tok_s"],
+        "transformers": n_tokens / transformers["tok_s"],
     }
 
 
 def pick_backend(
-    cfg: EvaluateConfig, n_tokens: int, problem: str | None, dtype: str = "bfloat16"
+    cfg: EvaluateConfig,
+    n_tokens: int,
+    problem: str | None,
+    dtype: str = "bfloat16",
+    measured: dict[str, dict] | None = None,
 ) -> tuple[str, str]:
     """(backend, the reason, for the log); `problem` is what `vllm_problem()` says, `n_tokens`
-    the tokens expected (prompts x candidates x `speed.tokens_per_candidate`)."""
+    the tokens expected (prompts x candidates x `speed.tokens_per_candidate`), `measured` this
+    machine's speeds per backend (`expected_seconds`)."""
     if cfg.backend == "transformers":
         return "transformers", "evaluate.backend is transformers"
     if cfg.backend == "vllm":
@@ -97,9 +142,11 @@ def pick_backend(
         return "vllm", "evaluate.backend is vllm"
     if problem:
         return "transformers", problem
-    t = expected_seconds(cfg, n_tokens, dtype)
+    t = expected_seconds(cfg, n_tokens, dtype, measured)
+    source = ", ".join(f"{k}: {'measured here' if k in (measured or {}) else 'evaluate.speed'}"
+                       for k in ("vllm", "transformers"))  # fmt: skip
     figures = f"~{n_tokens} tokens: vLLM {dtype} ~{t['vllm']:.0f} s incl. start-up, " \
-        f"transformers ~{t['transformers']:.0f} s (evaluate.speed)"  # fmt: skip
+        f"transformers ~{t['transformers']:.0f} s ({source})"  # fmt: skip
     if t["vllm"] < t["transformers"]:
         return "vllm", f"expected faster: {figures}"
     return "transformers", f"expected faster: {figures}"
@@ -115,6 +162,7 @@ def generate_vllm(
         "dtype": vllm_dtype(vllm.dtype),
         "max_model_len": vllm.max_model_len,
         "max_num_seqs": cfg.vllm_max_num_seqs,
+        "enforce_eager": vllm.enforce_eager,
         "requests": requests,
     }
     vllm.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +196,11 @@ def generate(
     grammars = grammars or [None] * len(prompts)
     dtype = vllm_dtype(vllm.dtype)
     n_tokens = len(prompts) * decoding.n * cfg.speed.tokens_per_candidate
-    backend, why = pick_backend(cfg, n_tokens, vllm_problem(vllm), dtype)
+    batched = decoding.n == 1 and not any(grammars)  # transformers' batched path
+    keys = speed_keys(spec.base_dir, dtype, batched)
+    speeds = measured_speeds(vllm.run_dir)
+    measured = {b: speeds[k] for b, k in keys.items() if k in speeds}
+    backend, why = pick_backend(cfg, n_tokens, vllm_problem(vllm), dtype, measured)
     log.info("generation backend: %s (%s)", backend, why)
     if backend == "vllm":
         token_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
@@ -178,10 +230,14 @@ def generate(
                 out["load_seconds"],
             )  # fmt: skip
             result.load_seconds = out["load_seconds"]
+            record_speed(vllm.run_dir, keys["vllm"], result)
             return result
     from pipelines.model.base import load_base
 
     model, _ = load_base(spec.base_dir, spec.adapter_dir)
-    if decoding.n == 1 and not any(grammars):
-        return generate_sql(model, tok, prompts, cfg.batch_size, cfg.max_new_tokens)
-    return generate_candidates(model, tok, prompts, grammars, decoding, cfg.max_new_tokens)
+    if batched:
+        result = generate_sql(model, tok, prompts, cfg.batch_size, cfg.max_new_tokens)
+    else:
+        result = generate_candidates(model, tok, prompts, grammars, decoding, cfg.max_new_tokens)
+    record_speed(vllm.run_dir, keys["transformers"], result)
+    return result

@@ -93,7 +93,9 @@ def vllm_command(p: Params, model: Path | None = None, name: str | None = None) 
     if cfg.merged:
         if model is None or name is None:
             raise ValueError("merged serving needs the merged model directory and its name")
-        return [*cmd, "--served-model-name", name]
+        # (LoRA serving runs eager anyway: vLLM's CPU platform compiles nothing with LoRA.)
+        eager = ["--enforce-eager"] if p.vllm.enforce_eager else []
+        return [*cmd, "--served-model-name", name, *eager]
     return [
         *cmd, "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank),
         # Two adapters in one batch: the old and the new one during a hot swap.
