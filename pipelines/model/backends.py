@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from pipelines.config import ROOT, DecodingConfig, EvaluateConfig
+from pipelines.data.atomic import aside
 from pipelines.model.decoding import Candidate, engine_requests
 from pipelines.model.devices import vllm_dtype
 from pipelines.model.generate import Generation, generate_candidates, generate_sql
@@ -101,9 +103,9 @@ def record_speed(run_dir: Path, key: str, gen: Generation) -> None:
     speeds[key] = {"tok_s": round(gen.tokens_per_s, 1), "start_s": round(gen.load_seconds, 1),
                    "tokens": gen.new_tokens}  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{SPEED_FILE}.tmp"
+    tmp = aside(run_dir / SPEED_FILE)
     tmp.write_text(json.dumps(speeds, indent=1, sort_keys=True))
-    tmp.replace(run_dir / SPEED_FILE)
+    os.replace(tmp, run_dir / SPEED_FILE)
 
 
 def expected_seconds(

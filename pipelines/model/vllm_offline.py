@@ -43,7 +43,7 @@ def generate(request: dict) -> dict:
         dtype=request["dtype"],
         max_model_len=request["max_model_len"],
         max_num_seqs=request["max_num_seqs"],
-        enforce_eager=request.get("enforce_eager", False),
+        enforce_eager=request["enforce_eager"],
         seed=0,
     )
     loaded = time.monotonic()
