@@ -104,6 +104,7 @@ class TrainConfig(_Block):
     lora_alpha: int  # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float  # dropout on the LoRA branch
     target_modules: str | list[str]  # "all-linear" or module names
+    lora_layer_share: float  # share of the decoder layers, from the top, with adapters (1 = all)
     learning_rate: float  # peak learning rate (AdamW)
     weight_decay: float  # AdamW weight decay
     grad_clip: float  # gradients are rescaled to at most this global norm before each step

@@ -13,7 +13,7 @@ import torch
 
 from pipelines.config import load_params
 from pipelines.data.records import read_jsonl
-from pipelines.model import backends
+from pipelines.model import backends, devices
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer, pick_backend
 from pipelines.model.base import load_base
 from pipelines.model.decoding import GREEDY
@@ -49,13 +49,16 @@ def tiny_llama(tok, out):
 
 
 def make_adapter(base_dir, out, seed: int):
-    """A LoRA adapter with random (non-zero) B matrices, so merging changes the weights."""
-    from peft import LoraConfig, get_peft_model
+    """A LoRA adapter laid out as training lays it out (params.yaml's layers and modules, rank
+    4), with random (non-zero) B matrices, so merging changes the weights."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    cfg = load_params().train.model_copy(update={"lora_r": 4, "lora_alpha": 8})
+    lora = devices.lora_config(cfg, base)
+    lora.init_lora_weights = False
     get_peft_model(base, lora).save_pretrained(out)
     return out
 

@@ -82,6 +82,25 @@ def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, ref_grads, strict=True))
 
 
+def test_adapters_go_on_the_top_layers_the_share_names(tiny_base_dir):
+    """lora_layer_share 0.5 of the tiny model's 2 layers: the same linear modules as
+    all-linear, on layer 1 only; a share outside (0, 1] is refused."""
+    from peft import get_peft_model
+
+    def trainable(share: float) -> set[str]:
+        model, _ = load_base(tiny_base_dir)
+        cfg = TrainConfig(**{**CFG, "lora_layer_share": share})
+        peft_model = get_peft_model(model, devices.lora_config(cfg, model))
+        return {n for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    everywhere, top = trainable(1.0), trainable(0.5)
+    assert {n for n in everywhere if ".layers.1." in n} == top
+    assert top and len(everywhere) == 2 * len(top)
+    model, _ = load_base(tiny_base_dir)
+    with pytest.raises(ValueError, match="lora_layer_share"):
+        devices.lora_config(TrainConfig(**{**CFG, "lora_layer_share": 0.0}), model)
+
+
 def test_dev_split_is_seeded_disjoint_and_capped():
     records = [{"id": i} for i in range(50)]
     train_part, dev = batches.split_dev(records, 8, seed=3)

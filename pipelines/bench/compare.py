@@ -84,7 +84,7 @@ def bench_train(p: Params, steps: int | None = None) -> Path:
     device, dtype = devices.pick_device(cfg.precision)
     steps = steps or (20 if device.type == "cuda" else 3)
     model, tok = load_base(p.path("base_model"))
-    model = get_peft_model(model, devices.lora_config(cfg))
+    model = get_peft_model(model, devices.lora_config(cfg, model))
     model.train()
     # One training batch as the schedule builds it: examples of one database.
     records = read_jsonl(p.path("prepared") / "train.jsonl")

@@ -153,14 +153,39 @@ def load_for_training(base_dir: Path, quantization: str, device: torch.device):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tok
 
 
-def lora_config(cfg: TrainConfig) -> LoraConfig:
-    """The adapter `train:` describes, for training and `make bench` alike."""
+def lora_config(cfg: TrainConfig, model) -> LoraConfig:
+    """The adapter `train:` describes for `model`, for training and `make bench` alike. With
+    `lora_layer_share` < 1 only the last decoder layers get adapters: the backward pass stops
+    below them, so a step costs less (README, "Choosing knobs")."""
+    if not 0 < cfg.lora_layer_share <= 1:
+        raise ValueError(f"train.lora_layer_share is {cfg.lora_layer_share}: it must be in (0, 1]")
+    n_layers = model.config.num_hidden_layers
+    n = max(1, round(cfg.lora_layer_share * n_layers))
+    targets, layers = cfg.target_modules, None
+    if n < n_layers:
+        layers = list(range(n_layers - n, n_layers))
+        if targets == "all-linear":  # peft takes a layer list only with module names
+            targets = _linear_names(model)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
+    )
+
+
+def _linear_names(model) -> list[str]:
+    """The names of the linear layers inside the decoder layers ("all-linear" without the LM
+    head), e.g. q_proj ... down_proj."""
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        }
     )
 
 

@@ -93,7 +93,7 @@ def steps_in_budget(
 def build_model_and_optimizer(cfg: TrainConfig, base_dir: Path, device: torch.device) -> Trainable:
     """The base model with fresh LoRA adapters on `device`, AdamW and the warmup/decay schedule."""
     model, tok = devices.load_for_training(base_dir, cfg.quantization, device)
-    model = get_peft_model(model, devices.lora_config(cfg))
+    model = get_peft_model(model, devices.lora_config(cfg, model))
     if cfg.quantization == "none":  # 4-bit weights were loaded onto the device
         model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
