@@ -156,7 +156,7 @@ def load_for_training(base_dir: Path, quantization: str, device: torch.device):
 def lora_config(cfg: TrainConfig, model) -> LoraConfig:
     """The adapter `train:` describes for `model`, for training and `make bench` alike. With
     `lora_layer_share` < 1 only the last decoder layers get adapters: the backward pass stops
-    below them, so a step costs less (README, "Choosing knobs")."""
+    below them, so a step costs less (README, "Training")."""
     if not 0 < cfg.lora_layer_share <= 1:
         raise ValueError(f"train.lora_layer_share is {cfg.lora_layer_share}: it must be in (0, 1]")
     n_layers = model.config.num_hidden_layers
@@ -177,8 +177,8 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
 
 
 def _linear_names(model) -> list[str]:
-    """The names of the linear layers inside the decoder layers ("all-linear" without the LM
-    head), e.g. q_proj ... down_proj."""
+    """The names of the model's linear layers, the LM head excepted (what peft's "all-linear"
+    selects), e.g. q_proj ... down_proj."""
     head = model.get_output_embeddings()
     return sorted(
         {
