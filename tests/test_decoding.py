@@ -92,6 +92,19 @@ def test_the_grammar_refuses_a_column_of_another_table(synthetic):
     assert not accepts(
         "SELECT x.item_name FROM purchases AS p JOIN items AS x ON p.item_id = x.item_id;"
     )
+    # A join's ON condition is one of its foreign keys (either way round), not any two columns.
+    assert accepts(
+        "SELECT i.item_name FROM purchases AS p JOIN items AS i ON i.item_id = p.item_id;"
+    )
+    assert not accepts(
+        "SELECT i.item_name FROM purchases AS p JOIN items AS i ON p.item_id = p.item_id;"
+    )
+    assert not accepts(
+        "SELECT i.item_name FROM purchases AS p JOIN items AS i ON p.quantity = i.item_id;"
+    )
+    three = "FROM purchases AS p JOIN items AS i ON p.item_id = i.item_id JOIN players AS pl ON "
+    assert accepts(f"SELECT pl.username, i.item_name {three}p.player_id = pl.player_id;")
+    assert not accepts(f"SELECT pl.username {three}i.item_id = pl.player_id;")  # no such key
     # Subqueries have their own scope: an uncorrelated single-table SELECT.
     assert accepts(
         "SELECT username FROM players WHERE player_id IN (SELECT player_id FROM purchases);"

@@ -7,8 +7,10 @@ so the grammar enumerates the FROM clauses a query can have instead, one *scope*
 
 - a single table: `FROM t`, columns unqualified and only t's;
 - a join of 2..`max_join_tables` tables, each next one linked by a foreign key to one before
-  it (`FROM a AS x JOIN b AS y ON ...`): columns only `alias.column` with the alias of the
-  table that has the column. Aliases are derived from the table names by the synthetic data's
+  it (`FROM a AS x JOIN b AS y ON x.k = y.k`): the ON condition is one of the foreign keys
+  between the joined table and an earlier one, never any two columns (`ON m.played_at =
+  p.player_id` cannot be written); columns only `alias.column` with the alias of the table
+  that has the column. Aliases are derived from the table names by the synthetic data's
   own rule (`join_aliases`: initials first, then growing prefixes), so a scope fixes them.
 
 A SELECT picks its scope at its first token; its select list, WHERE, GROUP BY, HAVING and
@@ -33,16 +35,30 @@ _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 @dataclass(frozen=True)
 class Schema:
     tables: dict[str, tuple[str, ...]]  # table → columns, as the DDL spells them
-    links: frozenset[tuple[str, str]]  # foreign keys as unordered (table, table) pairs
+    keys: frozenset[
+        tuple[str, str, str, str]
+    ]  # foreign keys: (table, column, ref table, ref column)
+
+    @property
+    def links(self) -> frozenset[tuple[str, str]]:
+        """Tables linked by a foreign key, as unordered (sorted) pairs."""
+        return frozenset(tuple(sorted((t, r))) for t, _, r, _ in self.keys)
+
+    def key_columns(self, a: str, b: str) -> list[tuple[str, str]]:
+        """The (column of a, column of b) pairs of the foreign keys between tables a and b."""
+        pairs = [(c, rc) for t, c, r, rc in self.keys if (t, r) == (a, b)]
+        return pairs + [(rc, c) for t, c, r, rc in self.keys if (t, r) == (b, a)]
 
     @property
     def digest(self) -> str:
-        text = repr(sorted(self.tables.items())) + repr(sorted(self.links))
+        text = repr(sorted(self.tables.items())) + repr(sorted(self.keys))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_schema(db_path: Path | str) -> Schema:
-    """Tables, columns (case kept: the grammar writes them as the DDL does) and foreign keys."""
+    """Tables, columns (case kept: the grammar writes them as the DDL does) and foreign keys
+    (single-column ones, each column pair of a composite key on its own; a key that names no
+    column refers to the referenced table's primary key)."""
     with closing(connect_readonly(db_path)) as conn:
         names = [
             r[0]
@@ -51,14 +67,25 @@ def read_schema(db_path: Path | str) -> Schema:
                 "AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
             )
         ]
-        tables, links = {}, set()
+        info = {t: list(conn.execute(f'PRAGMA table_info("{t}")')) for t in names}
+        tables = {t: tuple(c[1] for c in cols) for t, cols in info.items()}
+        keys = set()
         for t in names:
-            tables[t] = tuple(c[1] for c in conn.execute(f'PRAGMA table_info("{t}")'))
             for fk in conn.execute(f'PRAGMA foreign_key_list("{t}")'):
                 ref = next((n for n in names if n.lower() == fk[2].lower()), None)
-                if ref is not None and ref != t:
-                    links.add(tuple(sorted((t, ref))))
-    return Schema(tables, frozenset(links))
+                if ref is None or ref == t:
+                    continue
+                ref_col = fk[4] or next((c[1] for c in info[ref] if c[5] == 1), None)
+                col = _spelled(fk[3], tables[t])
+                ref_col = ref_col and _spelled(ref_col, tables[ref])
+                if col and ref_col:
+                    keys.add((t, col, ref, ref_col))
+    return Schema(tables, frozenset(keys))
+
+
+def _spelled(name: str, columns: tuple[str, ...]) -> str | None:
+    """The column `name` as the table's DDL spells it (SQLite matches names case-blind)."""
+    return next((c for c in columns if c.lower() == name.lower()), None)
 
 
 def join_aliases(tables: list[str]) -> list[str]:
@@ -123,8 +150,19 @@ def _scope_rules(k: int, tables: tuple[str, ...], schema: Schema) -> list[str]:
         cols = [f"{a}.{_ident(c)}" for t, a in zip(tables, names, strict=True)
                 for c in schema.tables[t]]  # fmt: skip
         parts = [_lit(f"{_ident(tables[0])} AS {names[0]}")]
-        for t, a in zip(tables[1:], names[1:], strict=True):
-            parts.append(_lit(f" JOIN {_ident(t)} AS {a} ON ") + f" {s}on")
+        for i in range(1, len(tables)):
+            on = [
+                _lit(f"{x}.{_ident(cx)} = {y}.{_ident(cy)}")
+                for j in range(i)
+                for cj, ci in schema.key_columns(tables[j], tables[i])
+                for (x, cx), (y, cy) in (
+                    ((names[j], cj), (names[i], ci)),
+                    ((names[i], ci), (names[j], cj)),
+                )
+            ]
+            parts.append(
+                _lit(f" JOIN {_ident(tables[i])} AS {names[i]} ON ") + " (" + " | ".join(on) + ")"
+            )
         from_clause = " ".join(parts)
     col_alts = " | ".join(_lit(c) for c in cols)
     return [
@@ -132,7 +170,6 @@ def _scope_rules(k: int, tables: tuple[str, ...], schema: Schema) -> list[str]:
         f'(" WHERE " {s}cond)? (" GROUP BY " {s}col (", " {s}col)*)? '
         f'(" HAVING " {s}cond)? (" ORDER BY " {s}ord (", " {s}ord)*)? limit?',
         f"{s}from ::= {from_clause}",
-        f'{s}on ::= {s}col " = " {s}col (" AND " {s}col " = " {s}col)*',
         f"{s}col ::= {col_alts}",
         f'{s}list ::= "*" | {s}expr (", " {s}expr)*',
         f'{s}ord ::= {s}expr (" ASC" | " DESC")?',
