@@ -162,6 +162,8 @@ class DecodingConfig(_Block):
         bool  # constrain decoding by the database's schema grammar (pipelines/model/grammar.py)
     )
     max_join_tables: int  # the grammar's largest join (tables in one FROM clause)
+    max_subquery_depth: int  # the grammar's subquery nesting (0: none; 1: a subquery holds none)
+    max_set_ops: int  # the grammar's UNION/INTERSECT/EXCEPT per query (0: none)
 
 
 class EvaluateConfig(_Block):

@@ -72,7 +72,7 @@ def test_the_grammar_accepts_every_gold_query_of_the_synthetic_data(synthetic):
     for r in records:
         if r["db_id"] not in check:
             db = synthetic / "databases" / f"{r['db_id']}.sqlite"
-            check[r["db_id"]] = matcher(schema_grammar(db, DECODING.max_join_tables))
+            check[r["db_id"]] = matcher(schema_grammar(db, DECODING))
         if not check[r["db_id"]](r["sql"] + ";"):
             rejected.append(r["sql"])
     assert not rejected, f"{len(rejected)} of {len(records)} gold queries rejected: {rejected[:5]}"
@@ -80,7 +80,7 @@ def test_the_grammar_accepts_every_gold_query_of_the_synthetic_data(synthetic):
 
 def test_the_grammar_refuses_a_column_of_another_table(synthetic):
     db = synthetic / "databases" / "game.sqlite"
-    accepts = matcher(schema_grammar(db, DECODING.max_join_tables))
+    accepts = matcher(schema_grammar(db, DECODING))
     join = "FROM purchases AS p JOIN items AS i ON p.item_id = i.item_id"
     assert accepts(f"SELECT i.item_name, p.quantity {join};")
     assert not accepts(f"SELECT p.item_name {join};")  # item_name is items', p is purchases
@@ -114,6 +114,45 @@ def test_the_grammar_refuses_a_column_of_another_table(synthetic):
     )
 
 
+def test_the_grammar_bounds_nesting_and_set_operations(synthetic):
+    """A tuned model's failing SQL loops: `IN (SELECT ... IN (SELECT ...` or `INTERSECT SELECT
+    ... INTERSECT ...` until the token budget cuts it. The grammar bounds the nesting and the
+    set operators (params.yaml `decoding:`), and allows no ORDER BY or LIMIT inside a compound
+    (SQLite refuses it before a set operator)."""
+    db = synthetic / "databases" / "game.sqlite"
+    shape = {"max_subquery_depth": 1, "max_set_ops": 1}
+    accepts = matcher(schema_grammar(db, DECODING.model_copy(update=shape)))
+    sub = "SELECT player_id FROM purchases"
+    assert accepts(f"SELECT username FROM players WHERE player_id IN ({sub});")
+    assert not accepts(
+        "SELECT username FROM players WHERE player_id IN "
+        "(SELECT player_id FROM purchases WHERE item_id IN (SELECT item_id FROM items));"
+    )
+    assert accepts("SELECT COUNT(*) FROM items WHERE price > (SELECT AVG(price) FROM items);")
+    assert not accepts(
+        "SELECT COUNT(*) FROM items WHERE price > "
+        "(SELECT AVG(price) FROM items WHERE price < (SELECT MAX(price) FROM items));"
+    )
+    one = "SELECT player_id FROM players INTERSECT SELECT player_id FROM purchases"
+    assert accepts(one + ";")
+    assert not accepts(one + " EXCEPT SELECT player_id FROM matches;")
+    assert not accepts(
+        "SELECT player_id FROM players ORDER BY player_id "
+        "INTERSECT SELECT player_id FROM purchases;"
+    )
+    assert accepts("SELECT username FROM players ORDER BY level DESC LIMIT 3;")
+    deeper = DECODING.model_copy(update={"max_subquery_depth": 2, "max_set_ops": 2})
+    wider = matcher(schema_grammar(db, deeper))
+    assert wider(one + " EXCEPT SELECT player_id FROM matches;")
+    assert wider(
+        "SELECT username FROM players WHERE player_id IN "
+        "(SELECT player_id FROM purchases WHERE item_id IN (SELECT item_id FROM items));"
+    )
+    flat = matcher(schema_grammar(db, DECODING.model_copy(update={"max_subquery_depth": 0})))
+    assert not flat(f"SELECT username FROM players WHERE player_id IN ({sub});")
+    assert flat("SELECT username FROM players WHERE player_id IN (1, 2);")
+
+
 def test_alias_rule_is_the_synthetic_datas(synthetic):
     """The grammar derives aliases as the data writes them (pipelines/data/patterns.py)."""
 
@@ -134,7 +173,7 @@ def test_scopes_follow_foreign_keys_and_grammar_is_cached_by_schema(tmp_path, sy
     assert ("items", "matches") not in found  # no foreign key between them
     copy = tmp_path / "copy.sqlite"
     copy.write_bytes(game.read_bytes())
-    assert schema_grammar(copy, 3) is schema_grammar(game, 3)  # one schema, one grammar
+    assert schema_grammar(copy, DECODING) is schema_grammar(game, DECODING)  # one schema
     assert grammar_for(game, GREEDY) is None
 
 

@@ -45,7 +45,9 @@ def test_offline_and_served_greedy_give_the_same_sql(tmp_path, prepared_dir, gra
         vllm={"dtype": "float32", "max_model_len": 1024},
         evaluate={"backend": "vllm", "max_new_tokens": 24},
     )
-    decoding = GREEDY.model_copy(update={"grammar": grammar, "max_join_tables": 3})
+    decoding = GREEDY.model_copy(
+        update={"grammar": grammar, "max_join_tables": 3, "max_subquery_depth": 1, "max_set_ops": 1}
+    )
     records = read_jsonl(prepared_dir / "eval.jsonl")
     dbs = prepared_dir / "databases"
     prompts = [build_prompt(r["ddl"], r["question"], tok) for r in records]

@@ -37,7 +37,15 @@ from pipelines.sql import UnsafeSQL, execute, extract_sql, missing_refs, parse
 log = logging.getLogger(__name__)
 # Plain greedy decoding, as sqlops always decoded: what generation-speed benches compare with a
 # greedy baseline, and a `Text2SQL` built without a `decoding:` block (tests).
-GREEDY = DecodingConfig(n=1, temperature=0.0, selection="first", grammar=False, max_join_tables=1)
+GREEDY = DecodingConfig(
+    n=1,
+    temperature=0.0,
+    selection="first",
+    grammar=False,
+    max_join_tables=1,
+    max_subquery_depth=0,
+    max_set_ops=0,
+)
 
 
 def engine_requests(
@@ -67,7 +75,7 @@ def engine_requests(
 
 def grammar_for(db_path: Path, cfg: DecodingConfig) -> str | None:
     """The database's grammar when `decoding.grammar` is on."""
-    return schema_grammar(db_path, cfg.max_join_tables) if cfg.grammar else None
+    return schema_grammar(db_path, cfg) if cfg.grammar else None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A per-database SQL grammar (GBNF) that makes table–column mismatches impossible.
 
-`schema_grammar(db_path, max_join_tables)` returns GBNF text for xgrammar (vLLM's structured
+`schema_grammar(db_path, cfg)` returns GBNF text for xgrammar (vLLM's structured
 outputs offline and served; xgrammar's logits processor on transformers), cached by the hash
 of the schema. A context-free grammar cannot look up an alias bound later in the FROM clause,
 so the grammar enumerates the FROM clauses a query can have instead, one *scope* each:
@@ -17,6 +17,11 @@ A SELECT picks its scope at its first token; its select list, WHERE, GROUP BY, H
 ORDER BY can then only name columns of the scope's tables under their own aliases, and a
 subquery (IN, comparisons, set operations) is a SELECT with a scope of its own. `p.item_name`
 where `p` is purchases, or a column of a table that is not in FROM, cannot be written.
+
+The query's shape is bounded by params.yaml `decoding:` as the data bounds it: subqueries
+nested `max_subquery_depth` deep, `max_set_ops` set operators per query, and no ORDER BY or
+LIMIT inside a compound. A small model's broken SQL was mostly a loop (`IN (SELECT ... IN
+(SELECT ...`) that the token budget cut off mid-query; within the bound it has to close.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.config import DecodingConfig
 from pipelines.sql import connect_readonly
 
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -135,12 +141,13 @@ arith ::= " + " | " - " | " * " | " / "
 agg ::= "COUNT" | "SUM" | "AVG" | "MIN" | "MAX"
 limit ::= " LIMIT " [0-9]+
 setop ::= " UNION " | " UNION ALL " | " INTERSECT " | " EXCEPT "
-subquery ::= select (setop select)*
-inlist ::= subquery | literal (", " literal)*
+literals ::= literal (", " literal)*
 """.strip()
 
 
-def _scope_rules(k: int, tables: tuple[str, ...], schema: Schema) -> list[str]:
+def _scope_rules(k: int, tables: tuple[str, ...], schema: Schema, depth: int) -> list[str]:
+    """Scope k's rules: its FROM clause and columns once, its clauses once per nesting level
+    (`d{level}s{k}...`): a level below `depth` may hold a subquery of the next level."""
     s = f"s{k}"
     if len(tables) == 1:
         cols = [_ident(c) for c in schema.tables[tables[0]]]
@@ -165,46 +172,64 @@ def _scope_rules(k: int, tables: tuple[str, ...], schema: Schema) -> list[str]:
             )
         from_clause = " ".join(parts)
     col_alts = " | ".join(_lit(c) for c in cols)
-    return [
-        f'sel{s} ::= "SELECT " "DISTINCT "? {s}list " FROM " {s}from '
-        f'(" WHERE " {s}cond)? (" GROUP BY " {s}col (", " {s}col)*)? '
-        f'(" HAVING " {s}cond)? (" ORDER BY " {s}ord (", " {s}ord)*)? limit?',
-        f"{s}from ::= {from_clause}",
-        f"{s}col ::= {col_alts}",
-        f'{s}list ::= "*" | {s}expr (", " {s}expr)*',
-        f'{s}ord ::= {s}expr (" ASC" | " DESC")?',
-        f"{s}expr ::= {s}term (arith {s}term)*",
-        f'{s}term ::= {s}col | "COUNT(*)" | agg "(" "DISTINCT "? {s}expr ")" | literal '
-        f'| "(" subquery ")"',
-        f'{s}cond ::= {s}pred ((" AND " | " OR ") {s}pred)*',
-        f'{s}pred ::= "NOT "? ({s}expr {s}test | "(" {s}cond ")")',
-        f'{s}test ::= cmp {s}expr | " IS NULL" | " IS NOT NULL" '
-        f'| " NOT"? " IN (" inlist ")" | " NOT"? " BETWEEN " {s}expr " AND " {s}expr '
-        f'| " NOT"? " LIKE " string',
-    ]
+    rules = [f"{s}from ::= {from_clause}", f"{s}col ::= {col_alts}"]
+    for level in range(depth + 1):
+        d = f"d{level}{s}"
+        nested = level < depth
+        rules += [
+            f'{d}core ::= "SELECT " "DISTINCT "? {d}list " FROM " {s}from '
+            f'(" WHERE " {d}cond)? (" GROUP BY " {s}col (", " {s}col)*)? (" HAVING " {d}cond)?',
+            f'{d}sel ::= {d}core (" ORDER BY " {d}ord (", " {d}ord)*)? limit?',
+            f'{d}list ::= "*" | {d}expr (", " {d}expr)*',
+            f'{d}ord ::= {d}expr (" ASC" | " DESC")?',
+            f"{d}expr ::= {d}term (arith {d}term)*",
+            f'{d}term ::= {s}col | "COUNT(*)" | agg "(" "DISTINCT "? {d}expr ")" | literal'
+            + (f' | "(" q{level + 1} ")"' if nested else ""),
+            f'{d}cond ::= {d}pred ((" AND " | " OR ") {d}pred)*',
+            f'{d}pred ::= "NOT "? ({d}expr {d}test | "(" {d}cond ")")',
+            f'{d}test ::= cmp {d}expr | " IS NULL" | " IS NOT NULL" '
+            f'| " NOT"? " IN (" '
+            + (f"(q{level + 1} | literals)" if nested else "literals")
+            + f' ")" | " NOT"? " BETWEEN " {d}expr " AND " {d}expr | " NOT"? " LIKE " string',
+        ]
+    return rules
 
 
-def build_grammar(schema: Schema, max_join_tables: int) -> str:
-    """GBNF text: `root` is one query and its `;`."""
-    found = scopes(schema, max_join_tables)
-    rules = [
-        'root ::= subquery ";"',
-        "select ::= " + " | ".join(f"sels{k}" for k in range(len(found))),
-        COMMON,
-    ]
+def _query_rules(n_scopes: int, depth: int, set_ops: int) -> list[str]:
+    """`q{level}`: one SELECT of any scope, or a compound of 2..set_ops + 1 SELECTs whose
+    members carry no ORDER BY or LIMIT (SQLite refuses them before a set operator, and after
+    the last one they would have to name the compound's result columns)."""
+    rules = []
+    for level in range(depth + 1):
+        sel = " | ".join(f"d{level}s{k}sel" for k in range(n_scopes))
+        core = " | ".join(f"d{level}s{k}core" for k in range(n_scopes))
+        rules += [f"sel{level} ::= {sel}", f"core{level} ::= {core}"]
+        tail = ""
+        for _ in range(set_ops - 1):
+            tail = f" (setop core{level}{tail})?"
+        compound = f" | core{level} setop core{level}{tail}" if set_ops else ""
+        rules.append(f"q{level} ::= sel{level}{compound}")
+    return rules
+
+
+def build_grammar(schema: Schema, cfg: DecodingConfig) -> str:
+    """GBNF text: `root` is one query and its `;`, within cfg's joins, nesting and set ops."""
+    found = scopes(schema, cfg.max_join_tables)
+    rules = ['root ::= q0 ";"', COMMON]
+    rules += _query_rules(len(found), cfg.max_subquery_depth, cfg.max_set_ops)
     for k, tables in enumerate(found):
-        rules += _scope_rules(k, tables, schema)
+        rules += _scope_rules(k, tables, schema, cfg.max_subquery_depth)
     return "\n".join(rules) + "\n"
 
 
-_CACHE: dict[tuple[str, int], str] = {}  # (schema hash, max_join_tables) → grammar text
+_CACHE: dict[tuple, str] = {}  # (schema hash, joins, nesting, set ops) → grammar text
 
 
-def schema_grammar(db_path: Path | str, max_join_tables: int) -> str:
+def schema_grammar(db_path: Path | str, cfg: DecodingConfig) -> str:
     """The grammar of a database, built once per schema (keyed by its hash: a database whose
     schema changed gets a new grammar, two databases with one schema share one)."""
     schema = read_schema(db_path)
-    key = (schema.digest, max_join_tables)
+    key = (schema.digest, cfg.max_join_tables, cfg.max_subquery_depth, cfg.max_set_ops)
     if key not in _CACHE:
-        _CACHE[key] = build_grammar(schema, max_join_tables)
+        _CACHE[key] = build_grammar(schema, cfg)
     return _CACHE[key]
