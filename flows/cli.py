@@ -220,6 +220,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             args.requests,
             not args.no_serving,
             args.rows,
+            args.merged,
         )
         print(table.read_text())
         print(f"written to {table}")
@@ -294,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["all", "bound"],
         default="all",
         help="decoding: bound = greedy and params.yaml's decoding only (the latency bound's)",
+    )
+    ex.add_argument(
+        "--merged",
+        action="store_true",
+        help="decoding: serve the merged weights (serving.merged) for the gateway rows",
     )
     ev = sub.add_parser("eval", help="evaluate a registered model or the base model on a dataset")
     ev.add_argument("--dataset", required=True, help="spider:<dir> (a Spider-format folder)")

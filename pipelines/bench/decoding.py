@@ -1,15 +1,16 @@
 """Decoding experiment: the same tuned adapter under each decoding, one table, plus the gateway.
 
     sqlops experiment decoding [--split eval.jsonl] [--n 5] [--adapter DIR] [--requests 32]
-                               [--no-serving] [--rows all|bound]
+                               [--no-serving] [--rows all|bound] [--merged]
 
 Rows: greedy / + grammar / + n candidates / + both (pipelines/model/decoding.py), and params.yaml's
 decoding on the DDL without its listed column values (`data.sample_values`), each a normal
 evaluation (`evaluate_model`: the backend `evaluate.backend` picks, `evaluate.max_examples` of
 the split, the gold results executed once). Columns: execution accuracy with its 95% bootstrap
 interval, valid SQL, exact match, tokens/s, seconds per question (generation + choice, engine
-start-up apart). Then, unless `--no-serving`, the served path: a vLLM server with the adapter
-loaded at runtime (as the gateway serves it), the request path (`Text2SQL.answer`, without
+start-up apart). Then, unless `--no-serving`, the served path: a vLLM server serving the adapter
+as `deploy` puts it there (`model_server`: loaded at runtime, or merged into the base weights
+with `serving.merged` or `--merged`), the request path (`Text2SQL.answer`, without
 HTTP) at concurrency 4 for every row's decoding (and params.yaml's `decoding:`) in one run, and
 how many questions the served greedy SQL equals the offline greedy SQL (merged weights).
 `--rows bound` runs only greedy and params.yaml's decoding, offline and served: the two the
@@ -107,14 +108,14 @@ def served(
     """p50/p95 of the request path at concurrency 4 for every decoding in `kinds` (the first:
     greedy), in one run: the first half of the requests in order, the second half in reverse,
     so drift in machine load hits all alike; on a vLLM server started here with the adapter
-    loaded at runtime (as the gateway serves it). Also the served greedy SQL per question."""
+    served as `deploy` serves it (`model_server`). Also the served greedy SQL per question."""
     from transformers import AutoTokenizer
 
     from pipelines.bench.loadtest import merge, run_load
     from pipelines.serving.backend import VLLMCompletions, vllm_url
     from pipelines.serving.routing import Route
     from pipelines.serving.service import Text2SQL
-    from pipelines.serving.vllm_server import ensure_vllm, stop_background
+    from pipelines.serving.vllm_server import model_server, stop_background
 
     # A private server on a free loopback port: never someone else's vLLM with its own models.
     with socket.socket() as sock:
@@ -122,11 +123,11 @@ def served(
         port = sock.getsockname()[1]
     p = p.replace(serving={"vllm_port": port}, paths={"run_dir": p.path("run_dir") / "exp-vllm"})
     cfg = p.serving.model_copy(update={"cache_size": 0})
-    admin = ensure_vllm(p)
     try:
         name = "text2sql-decoding-exp"
-        admin.load(name, adapter)
-        route = Route(name, 0, str(adapter))
+        server = model_server(p)
+        server.serve(name, adapter)
+        route = Route(name, 0, adapter_path=None if p.serving.merged else str(adapter))
         tok = AutoTokenizer.from_pretrained(p.path("base_model"))
         backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
         dbs = p.path("prepared") / "databases"
@@ -157,13 +158,13 @@ def served(
         missing = [i for i, s in enumerate(sql) if not s]
         if missing:
             run_load(lambda i: sender(greedy, 0)(missing[i]), len(missing), CONCURRENCY)
-        admin.unload(name)
+        server.unload(name)
     finally:
         stop_background("vllm", p.path("run_dir"))
     out = {k: merge(v) for k, v in runs.items()}
     for k in kinds:
         out[k]["p50_vs_greedy"] = out[k]["p50_ms"] / max(out[greedy]["p50_ms"], 1e-9)
-    return {"latency": out, "served_greedy_sql": sql}
+    return {"latency": out, "served_greedy_sql": sql, "merged": p.serving.merged}
 
 
 def run(
@@ -174,8 +175,11 @@ def run(
     requests: int = 32,
     serving: bool = True,
     rows: str = "all",
+    merged: bool = False,
 ) -> Path:
     adapter = adapter or p.path("adapter")
+    if merged:
+        p = p.replace(serving={"merged": True})
     kinds = variants(p.decoding, n, rows)
     spec = ModelSpec(p.path("base_model"), adapter)
     records = sample_records(
@@ -221,10 +225,11 @@ def to_markdown(result: dict, default: DecodingConfig) -> str:
         )
     if "serving" in result:
         s = result["serving"]
+        served_as = "merged weights" if s.get("merged") else "adapter loaded at runtime"
         lines += [
             "",
             f"Request path (`Text2SQL.answer`) at concurrency {CONCURRENCY} on the vLLM server, "
-            "adapter loaded at runtime, all decodings in one run (first half of the requests in "
+            f"{served_as}, all decodings in one run (first half of the requests in "
             "order, second half in reverse):",
             "",
             "| decoding | requests | p50 ms | p95 ms | requests/s | p50 / greedy |",
@@ -238,7 +243,7 @@ def to_markdown(result: dict, default: DecodingConfig) -> str:
         lines += [
             "",
             f"The default may cost at most {LATENCY_BOUND}x greedy's p50. Served greedy "
-            f"(unmerged adapter) = offline greedy (merged weights) on "
+            f"({served_as}) = offline greedy (merged weights) on "
             f"{s['offline_vs_served_greedy_same_sql']} of {result['n_examples']} questions.",
         ]
     return "\n".join(lines) + "\n"
