@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import pytest
@@ -119,6 +120,32 @@ def test_client_passed_in(fake, tmp_path):
     assert report.verdicts == expected(items) and report.calls == 4
 
 
+def test_endpoint_nobody_answers_is_counted_unanswered(tmp_path, monkeypatch):
+    """Refused connections are calls without a reply: counted, retried, then reported."""
+    with socket.socket() as held:  # bound, never listening: connections to it are refused
+        held.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{held.getsockname()[1]}/v1")
+        cfg = CFG.model_copy(update={"max_retries": 3})
+        report = judge(make_items(2), cfg, tmp_path / "c.sqlite", **FAST)
+    assert report.status == "partial" and set(report.verdicts.values()) == {None}
+    assert report.calls == report.unanswered == 2 * 3
+    assert all("APIConnectionError" in e for e in report.errors.values())
+
+
+def assert_calls_are_counted(report, server):
+    """Every request the server saw was counted, and every reply counted is one it sent.
+
+    A request the client gave up on before the server read it (a loaded machine, a keep-alive
+    connection closed under it) is a counted call the server never saw: it is `unanswered`,
+    like the ones the server answered after the client's timeout.
+    """
+    served = sum(server.served.values())
+    answered = report.calls - report.unanswered
+    assert served <= report.calls
+    assert answered <= served - server.served["slow"]
+    assert report.unanswered >= server.served["slow"]  # slow replies come after the timeout
+
+
 @pytest.mark.parametrize(
     "faults",
     [
@@ -137,7 +164,8 @@ def test_each_fault_recovers(faults, tmp_path, monkeypatch):
         report = judge(items, cfg, tmp_path / "c.sqlite", **FAST)
     assert report.status == "ok" and report.verdicts == expected(items)
     faulted = sum(n for k, n in server.served.items() if k != "ok")
-    assert faulted > 0 and report.calls == sum(server.served.values())
+    assert faulted > 0
+    assert_calls_are_counted(report, server)
     assert len(server.ok_by_prompt) == 12 and set(server.ok_by_prompt.values()) == {1}
 
 
@@ -222,7 +250,7 @@ def test_thousand_items_with_twenty_percent_faults(tmp_path, monkeypatch):
     assert report.status == "ok" and not report.errors
     assert report.verdicts == expected(items)
     assert len(server.ok_by_prompt) == 1000 and set(server.ok_by_prompt.values()) == {1}
-    assert report.calls == sum(server.served.values())
+    assert_calls_are_counted(report, server)
     faulted = report.calls - server.served["ok"]
     assert 0.15 < faulted / report.calls < 0.25
     assert again.calls == 0 and again.verdicts == report.verdicts

@@ -69,6 +69,7 @@ class JudgeReport:
     status: Literal["ok", "skipped", "partial"]  # partial: some examples have no verdict
     model: str | None  # judge model; None when skipped
     calls: int = 0  # HTTP requests made in this run, retries included
+    unanswered: int = 0  # of those, requests that got no HTTP reply (timeout, connection error)
     cost_usd: float = 0.0  # from the usage of every reply received in this run
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -194,7 +195,7 @@ class _Judging:
         self.secrets = [s for s in (os.environ.get("OPENAI_API_KEY"), api_key) if s and len(s) > 7]
         self.resume_at = 0.0  # a 429 pauses every request until then
         self.fatal: str | None = None
-        self.calls = self.prompt_tokens = self.completion_tokens = 0
+        self.calls = self.unanswered = self.prompt_tokens = self.completion_tokens = 0
 
     def _backoff(self, attempt: int) -> float:
         d = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
@@ -254,6 +255,7 @@ class _Judging:
                         log.error(self.fatal)
                     return None, error
             except openai.APIError as e:  # connection errors and timeouts, mostly
+                self.unanswered += isinstance(e, openai.APIConnectionError)  # timeouts included
                 error = self._redact(f"{type(e).__name__}: {e}")
             log.debug("judge attempt %d failed: %s", attempt, error)
             if attempt < self.cfg.max_retries:
@@ -315,7 +317,7 @@ async def judge_async(
         if owned:
             await client.close()
 
-    report = JudgeReport("ok", cfg.model, calls=run.calls, cached=cached)
+    report = JudgeReport("ok", cfg.model, calls=run.calls, unanswered=run.unanswered, cached=cached)
     report.prompt_tokens, report.completion_tokens = run.prompt_tokens, run.completion_tokens
     report.cost_usd = round(
         (run.prompt_tokens * cfg.price_per_1k_in + run.completion_tokens * cfg.price_per_1k_out)
@@ -332,7 +334,10 @@ async def judge_async(
         report.notice = f"LLM judge: {len(report.errors)} of {len(items)} examples have no verdict"
         log.warning(report.notice)
     log.info(
-        "judge done: %d calls, %d tokens", run.calls, run.prompt_tokens + run.completion_tokens
+        "judge done: %d calls (%d without a reply), %d tokens",
+        run.calls,
+        run.unanswered,
+        run.prompt_tokens + run.completion_tokens,
     )
     return report
 
