@@ -213,8 +213,9 @@ class ServingConfig(_Block):
     vllm_startup_timeout_s: float  # wait for a freshly started vLLM to become healthy
     gateway_startup_timeout_s: float  # wait for a background gateway to answer /health
     max_lora_rank: int  # vLLM --max-lora-rank (at least train.lora_r)
-    merged: bool  # serve the adapter merged into the base weights (faster; a switch restarts
-    # vLLM, 503s meanwhile) instead of runtime-loaded LoRA adapters (hot swap, no downtime)
+    merged: Literal["auto"] | bool  # serve the adapter merged into the base weights (faster; a
+    # switch restarts vLLM, 503s meanwhile) instead of runtime-loaded LoRA adapters (hot swap, no
+    # downtime); auto: merged on a CPU without bf16 instructions (serving.vllm_server.serves_merged)
     reconcile_s: float  # gateway: served version vs the registry's champion, checked this often
     webhook_max_age_s: float  # signed MLflow webhook deliveries older than this are refused
     shadow_share: float  # share of requests also answered by the `challenger` (shadow rows)

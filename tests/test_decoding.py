@@ -239,7 +239,7 @@ def test_vllm_runs_bf16_only_where_the_hardware_has_it(monkeypatch):
     monkeypatch.setattr(devices, "Path", lambda _: Path("/nonexistent"))
     monkeypatch.setattr(devices, "cpu_bf16_faster", lambda: False)
     assert devices.vllm_dtype("auto") == "float32"
-    cmd = vllm_command(P.replace(vllm={"dtype": "auto"}))
+    cmd = vllm_command(P.replace(vllm={"dtype": "auto"}, serving={"merged": False}))
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     monkeypatch.setattr(devices, "cpu_bf16_faster", lambda: True)
     assert devices.vllm_dtype("auto") == "bfloat16"
@@ -263,8 +263,10 @@ def test_bf16_needs_the_instructions_and_the_measured_speed(monkeypatch, tmp_pat
         cpuinfo.write_text(flags)
         timings.update(timed)
         devices.cpu_bf16_faster.cache_clear()
+        devices.cpu_has_native_bf16.cache_clear()
         assert devices.cpu_bf16_faster() is expected
     devices.cpu_bf16_faster.cache_clear()
+    devices.cpu_has_native_bf16.cache_clear()
 
 
 def test_served_and_offline_decoding_send_identical_requests(synthetic, tiny_base_dir):

@@ -20,7 +20,13 @@ from pipelines.release.deploy import deploy, route_to
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions
 from pipelines.serving.routing import read_route
 from pipelines.serving.service import Text2SQL
-from pipelines.serving.vllm_server import MergedServer, stop_background, vllm_command, vllm_env
+from pipelines.serving.vllm_server import (
+    MergedServer,
+    serves_merged,
+    stop_background,
+    vllm_command,
+    vllm_env,
+)
 from tests.conftest import GAME_QA
 from tests.test_backends import make_adapter
 from tests.test_deploy import FakeRegistry
@@ -109,9 +115,46 @@ def test_vllm_command_merged_vs_adapters():
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env(merged)
     with pytest.raises(ValueError):
         vllm_command(merged)
-    lora = vllm_command(p)
+    adapters = p.replace(serving={"merged": False})
+    lora = vllm_command(adapters)
     assert "--enable-lora" in lora and "--served-model-name" not in lora
-    assert vllm_env(p)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert vllm_env(adapters)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+@pytest.mark.parametrize(
+    "flags, cuda, vllm_url, merged",
+    [
+        ("avx2 fma", False, None, True),  # AVX2-only CPU: vLLM's CPU LoRA path stalls
+        ("avx2 avx512f avx512_bf16", False, None, False),
+        ("avx2 amx_bf16", False, None, False),
+        ("avx2 fma", True, None, False),  # CUDA: fused LoRA kernels
+        ("avx2 fma", False, "http://127.0.0.1:9", False),  # not ours to restart
+    ],
+    ids=["avx2", "avx512-bf16", "amx", "cuda", "external-vllm"],
+)
+def test_auto_serves_merged_only_where_runtime_lora_stalls(
+    flags, cuda, vllm_url, merged, tmp_path, monkeypatch
+):
+    from pipelines.model import devices
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+    files = {"/proc/cpuinfo": cpuinfo, "/dev/nvidiactl": Path(tmp_path / "nvidiactl")}
+    monkeypatch.setattr(devices, "Path", lambda path: files[path])
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: cuda)
+    if vllm_url:
+        monkeypatch.setenv("SQLOPS_VLLM_URL", vllm_url)
+    else:
+        monkeypatch.delenv("SQLOPS_VLLM_URL", raising=False)
+    devices.cpu_has_native_bf16.cache_clear()
+    try:
+        auto = load_params().replace(serving={"merged": "auto"})
+        assert serves_merged(auto) is merged
+        assert ("--enable-lora" in vllm_command(auto, Path("/m"), "text2sql-v1")) is not merged
+        for setting in (True, False):  # an explicit choice is kept, whatever the hardware
+            assert serves_merged(auto.replace(serving={"merged": setting})) is setting
+    finally:
+        devices.cpu_has_native_bf16.cache_clear()
 
 
 def test_deploy_restarts_on_the_merged_model_then_routes(merged):

@@ -115,7 +115,7 @@ def served(
     from pipelines.serving.backend import VLLMCompletions, vllm_url
     from pipelines.serving.routing import Route
     from pipelines.serving.service import Text2SQL
-    from pipelines.serving.vllm_server import model_server, stop_background
+    from pipelines.serving.vllm_server import model_server, serves_merged, stop_background
 
     # A private server on a free loopback port: never someone else's vLLM with its own models.
     with socket.socket() as sock:
@@ -123,11 +123,12 @@ def served(
         port = sock.getsockname()[1]
     p = p.replace(serving={"vllm_port": port}, paths={"run_dir": p.path("run_dir") / "exp-vllm"})
     cfg = p.serving.model_copy(update={"cache_size": 0})
+    merged = serves_merged(p)
     try:
         name = "text2sql-decoding-exp"
         server = model_server(p)
         server.serve(name, adapter)
-        route = Route(name, 0, adapter_path=None if p.serving.merged else str(adapter))
+        route = Route(name, 0, adapter_path=None if merged else str(adapter))
         tok = AutoTokenizer.from_pretrained(p.path("base_model"))
         backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
         dbs = p.path("prepared") / "databases"
@@ -164,7 +165,7 @@ def served(
     out = {k: merge(v) for k, v in runs.items()}
     for k in kinds:
         out[k]["p50_vs_greedy"] = out[k]["p50_ms"] / max(out[greedy]["p50_ms"], 1e-9)
-    return {"latency": out, "served_greedy_sql": sql, "merged": p.serving.merged}
+    return {"latency": out, "served_greedy_sql": sql, "merged": merged}
 
 
 def run(

@@ -153,10 +153,10 @@ def hot_swap(p: Params, n: int, concurrency: int, swaps: int) -> dict:
     """Load through the gateway while the route flips between the served adapter and a second
     copy of it under another name (loaded at runtime): no request may fail. Over `n` questions
     after the bench's `2n`."""
-    from pipelines.serving.vllm_server import VLLMAdmin
+    from pipelines.serving.vllm_server import VLLMAdmin, serves_merged
 
     cfg = p.serving
-    if cfg.merged:
+    if serves_merged(p):
         return {"skipped": "serving.merged: a switch restarts vLLM (no hot swap to measure)"}
     routing = p.path("routing")
     route = read_route(routing)
@@ -204,7 +204,7 @@ def cannot_run(p: Params, champion: Callable[[], int | None] | None = None) -> s
             champion = MlflowRegistry(p).champion
         if champion() is None:
             return "no champion is registered: run `make run` (or `sqlops release`) first"
-    from pipelines.serving.vllm_server import VLLMAdmin
+    from pipelines.serving.vllm_server import VLLMAdmin, serves_merged
 
     installed = os.environ.get("SQLOPS_VLLM_URL") or VLLMRuntime.of(p).problem() is None
     if not installed and not VLLMAdmin(vllm_url(p.serving)).healthy():

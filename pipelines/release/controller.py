@@ -35,7 +35,7 @@ from pipelines.release.deploy import (
 from pipelines.serving.backend import vllm_url
 from pipelines.serving.routing import Route, adapter_name, read_route
 from pipelines.serving.service import Text2SQL
-from pipelines.serving.vllm_server import MergedServer, ModelServer, VLLMAdmin
+from pipelines.serving.vllm_server import MergedServer, ModelServer, VLLMAdmin, serves_merged
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 5  # deploys per reconcile while the alias keeps moving (then the next tick)
@@ -72,7 +72,7 @@ def gateway_model_server(p: Params) -> ModelServer:
     """The model server as the gateway process may use it: the running vLLM (a vLLM that is
     down is `sqlops serve`'s to start, the deploy fails and is retried), or with merged serving
     the restarting one."""
-    return MergedServer(p) if p.serving.merged else VLLMAdmin(vllm_url(p.serving))
+    return MergedServer(p) if serves_merged(p) else VLLMAdmin(vllm_url(p.serving))
 
 
 def reconcile(
@@ -173,7 +173,7 @@ class ReconcileLoop:
         serving only: a merged vLLM serves one model)."""
         cfg = self.p.serving
         version = self.challenger() if self.challenger and cfg.shadow_share > 0 else None
-        if version is None or version == result.served or cfg.merged:
+        if version is None or version == result.served or serves_merged(self.p):
             self.shadow = None
             return
         name = adapter_name(self.p.registry.model_name, version)

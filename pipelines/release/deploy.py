@@ -47,7 +47,12 @@ from pipelines.config import Params
 from pipelines.serving.backend import vllm_url
 from pipelines.serving.routing import Route, adapter_name, read_route, write_route
 from pipelines.serving.service import Text2SQL, service_from_params
-from pipelines.serving.vllm_server import ModelServer, model_server, start_background
+from pipelines.serving.vllm_server import (
+    ModelServer,
+    model_server,
+    serves_merged,
+    start_background,
+)
 
 log = logging.getLogger(__name__)
 SMOKE_FAILURE_DB = "__forced_smoke_failure__"  # a canary that cannot pass (drills, tests)
@@ -328,7 +333,7 @@ def is_serving(p: Params) -> bool:
 def served_route(p: Params, name: str, version: int, adapter: Path) -> Route:
     """The route to a served version. With merged serving it names no adapter: the gateway
     must not try to load a LoRA into a vLLM that serves merged weights (a 404 there is a 503)."""
-    return Route(name, version, time.time(), None if p.serving.merged else str(adapter))
+    return Route(name, version, time.time(), None if serves_merged(p) else str(adapter))
 
 
 def route_to(p: Params, version: int, server: ModelServer, registry: Registry) -> Route:

@@ -32,7 +32,7 @@ from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
 from pipelines.serving.routing import Route, RouteWatcher, adapter_name
 from pipelines.serving.service import service_from_params
-from pipelines.serving.vllm_server import ModelServer
+from pipelines.serving.vllm_server import ModelServer, serves_merged
 
 
 def challenger_route(p: Params) -> Callable[[], Route | None]:
@@ -46,7 +46,7 @@ def challenger_route(p: Params) -> Callable[[], Route | None]:
         return MlflowRegistry(p)
 
     def current() -> Route | None:
-        if p.serving.merged:
+        if serves_merged(p):
             return None
         name = p.registry.model_name
         version = current_version(registry().client, name, CHALLENGER)

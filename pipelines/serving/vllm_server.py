@@ -1,5 +1,5 @@
 """The local vLLM OpenAI server: its command line, start/stop by PID, and the two ways a
-version is put on it (`model_server(p)`, picked by `serving.merged`):
+version is put on it (`model_server(p)`, picked by `serves_merged`):
 
 - adapters (default): one vLLM with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`;
   `VLLMAdmin.serve` loads a version's adapter at runtime (a hot swap, no downtime).
@@ -27,7 +27,7 @@ from typing import Protocol
 import httpx
 
 from pipelines.config import ROOT, Params
-from pipelines.model.devices import vllm_dtype
+from pipelines.model.devices import cpu_has_native_bf16, cuda_visible, vllm_dtype
 from pipelines.serving.backend import load_adapter, vllm_headers, vllm_url
 from pipelines.vllm_runtime import VLLMRuntime
 
@@ -90,7 +90,7 @@ def vllm_command(p: Params, model: Path | None = None, name: str | None = None) 
         # The model config says bf16; without native bf16 (AVX2-only CPUs) fp32 is 4-5x faster.
         "--dtype", vllm_dtype(p.vllm.dtype),
     ]  # fmt: skip
-    if cfg.merged:
+    if serves_merged(p):
         if model is None or name is None:
             raise ValueError("merged serving needs the merged model directory and its name")
         # (LoRA serving runs eager anyway: vLLM's CPU platform compiles nothing with LoRA.)
@@ -105,7 +105,7 @@ def vllm_command(p: Params, model: Path | None = None, name: str | None = None) 
 
 def vllm_env(p: Params) -> dict[str, str]:
     env = VLLMRuntime.of(p).env()
-    if not p.serving.merged:
+    if not serves_merged(p):
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
 
@@ -241,7 +241,22 @@ class MergedServer:
         """Nothing to do: the process serves one model, and a restart dropped the old one."""
 
 
+def serves_merged(p: Params) -> bool:
+    """Whether vLLM serves merged weights (`serving.merged`). `auto`: merged where sqlops starts
+    vLLM on a CPU without bf16 instructions, runtime adapters elsewhere. On such a CPU (a 2-core
+    AVX2-only EPYC, fp32) vLLM's CPU LoRA ops answered none of four concurrent requests in 15 min
+    while merged weights answered at a p50 of 3.5 s; on an AVX512-BF16 EPYC runtime adapters
+    cost 1.18x greedy's p50 (docs/experiments.md), and CUDA has fused LoRA kernels. A vLLM at
+    SQLOPS_VLLM_URL is not sqlops' to restart, which merged serving needs: adapters there."""
+    setting = p.serving.merged
+    if setting != "auto":
+        return setting
+    if os.environ.get("SQLOPS_VLLM_URL"):
+        return False
+    return not cuda_visible() and not cpu_has_native_bf16()
+
+
 def model_server(p: Params) -> ModelServer:
     """Where `deploy` puts a version: adapters loaded into a running vLLM (started here when
     needed), or (`serving.merged`) a vLLM restarted on each version's merged weights."""
-    return MergedServer(p) if p.serving.merged else ensure_vllm(p)
+    return MergedServer(p) if serves_merged(p) else ensure_vllm(p)
