@@ -204,7 +204,7 @@ def cannot_run(p: Params, champion: Callable[[], int | None] | None = None) -> s
             champion = MlflowRegistry(p).champion
         if champion() is None:
             return "no champion is registered: run `make run` (or `sqlops release`) first"
-    from pipelines.serving.vllm_server import VLLMAdmin, serves_merged
+    from pipelines.serving.vllm_server import VLLMAdmin
 
     installed = os.environ.get("SQLOPS_VLLM_URL") or VLLMRuntime.of(p).problem() is None
     if not installed and not VLLMAdmin(vllm_url(p.serving)).healthy():
