@@ -54,7 +54,7 @@ def env(tmp_path, prepared_dir, tiny_base_dir):
     from transformers import AutoTokenizer
 
     p = load_params().replace(
-        serving={"keep_adapters": 2, "smoke_questions": 3},
+        serving={"merged": False, "keep_adapters": 2, "smoke_questions": 3},  # runtime adapters
         paths={
             "prepared": prepared_dir,
             "routing": tmp_path / "routing.json",

@@ -317,6 +317,7 @@ def test_health_and_metrics_show_served_vs_champion(gateway):
     loop.run_once()
     body = httpx.get(f"{gw.url}/health").json()
     block = body["registry"]
+    assert body["model"] == "text2sql-v1" and body["weights"] == "adapter"
     assert (block["served"], block["champion"], block["in_sync"]) == (1, 2, False)
     assert block["action"] == "failed" and block["error"]
     metrics = httpx.get(f"{gw.url}/metrics").text

@@ -379,7 +379,9 @@ def serve(p: Params, background: bool) -> int:
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                print(f"gateway: {url} (pid {pid}, log {run_dir}/gateway.log); vLLM: {server.root}")
+                weights = "merged weights" if serves_merged(p) else "runtime LoRA adapters"
+                print(f"gateway: {url} (pid {pid}, log {run_dir}/gateway.log)")
+                print(f"vLLM: {server.root}: {route.model}, {weights} (merged: {cfg.merged})")
                 print("stop both with: sqlops serve --stop (or make serve-stop)")
                 return 0
         except httpx.HTTPError:

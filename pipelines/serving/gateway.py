@@ -7,7 +7,8 @@ POST /v1/feedback  {request_id, verdict? | correct_sql?} attached to the logged 
                    API-key id of the sender; refused requests take none (409), each key is
                    rate-limited (429), corrections are size-capped and guarded off the loop
 GET  /v1/models    registry versions with lineage, and the adapter being served
-GET  /health       200 when vLLM answers and an adapter is routed, else 503 with the reason
+GET  /health       200 when vLLM answers and a version is routed, else 503 with the reason;
+                   `weights`: how it is served (`adapter` at runtime, or `merged`)
 GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors
 GET  /             the playground page, with /v1/databases[/{db_id}] and /v1/execute
                    (pipelines/serving/playground.py)
@@ -231,6 +232,8 @@ def create_app(
             reason = "no model is deployed (run `sqlops deploy`)"
         body = {"status": "ok" if reason is None else "unavailable", "reason": reason}
         body["model"] = route.model if route else None
+        # As deploy routed it: a route to merged weights names no adapter (serving.merged).
+        body["weights"] = None if route is None else "adapter" if route.adapter_path else "merged"
         if health_extra is not None:
             body["registry"] = health_extra()
         return JSONResponse(body, status_code=200 if reason is None else 503)
