@@ -29,7 +29,9 @@ needs_real_vllm = pytest.mark.skipif(
 
 @contextlib.contextmanager
 def running_vllm(p: Params, log_dir: Path, timeout_s: float | None = None) -> Iterator[VLLMAdmin]:
-    """vLLM as `p` configures it (port, LoRA, dtype), its output in `log_dir`/vllm.log."""
+    """vLLM as `p` configures it (port, LoRA, dtype), its output in `log_dir`/vllm.log: the
+    base model with runtime LoRA, so `p` must say `serving.merged: false`."""
+    assert p.serving.merged is False, "running_vllm serves runtime LoRA: set serving.merged false"
     log_path = log_dir / "vllm.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

@@ -27,7 +27,7 @@ from tests.real_vllm import running_vllm
 from tests.test_backends import make_adapter, tiny_llama
 from tests.test_serving_vllm import free_port
 
-P = load_params()
+P = load_params().replace(serving={"merged": False})  # runtime LoRA is under test
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(VLLMRuntime.of(P).problem() is not None, reason="needs make serve-setup"),

@@ -237,7 +237,8 @@ def test_production_params_differ_from_params_yaml_only_where_documented():
 
     dev = flat(P.model_dump(mode="json"))
     changed = {k for k, v in flat(prod.model_dump(mode="json")).items() if dev[k] != v}
-    assert changed == {"serving.host", "serving.inference_log_url"}
+    # merged: false there, auto here (the vLLM pod is on the GPU node, not the gateway's).
+    assert changed == {"serving.host", "serving.inference_log_url", "serving.merged"}
 
 
 def test_dashboard_and_prometheus_use_the_gateway_metric_names():

@@ -162,6 +162,7 @@ def registry_store(request, tmp_path, monkeypatch):
         },
         registry={"model_name": unique},
         paths={"served_adapters": tmp_path / "served"},
+        serving={"merged": False},  # routes name their adapter
     )
     return p, cluster
 

@@ -66,6 +66,7 @@ def stack(mlflow_server, tmp_path, prepared_dir, tiny_base_dir, monkeypatch):
     with FakeVLLM({q: sql for q, sql, *_ in GAME_QA}) as fake:
         p = load_params().replace(
             serving={
+                "merged": False,  # the stand-in serves runtime LoRA adapters
                 "vllm_port": fake.port,
                 "smoke_questions": 2,
                 "inference_log_url": f"sqlite:///{tmp_path}/inference.db",

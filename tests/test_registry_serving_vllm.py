@@ -22,7 +22,7 @@ from tests.loopback import LoopbackServer
 from tests.mlflow_server import MlflowServer, free_port
 from tests.real_vllm import needs_real_vllm, running_vllm
 
-P = load_params()
+P = load_params().replace(serving={"merged": False})  # runtime LoRA is under test
 pytestmark = [pytest.mark.slow, needs_real_vllm]
 SECRET, MODEL, CLIENTS, MAX_REQUESTS, LIMIT_S = "vllm-secret", "text2sql", 4, 400, 900
 

@@ -19,7 +19,7 @@ from pipelines.serving.routing import RouteWatcher
 from pipelines.serving.service import Text2SQL
 from tests.real_vllm import needs_real_vllm, running_vllm
 
-P = load_params()
+P = load_params().replace(serving={"merged": False})  # runtime LoRA is under test
 pytestmark = [
     pytest.mark.slow,
     needs_real_vllm,
