@@ -19,6 +19,8 @@ from pipelines.serving.routing import Route, RouteWatcher, read_route, write_rou
 from pipelines.serving.service import Text2SQL
 from tests.fake_vllm import FakeVLLM
 from tests.loopback import LoopbackServer
+from tests.test_backends import make_adapter
+from tests.test_deploy_merged import merged  # noqa: F401  (fixture)
 
 
 def params_for(tmp_path: Path, **paths):
@@ -86,3 +88,28 @@ def test_writes_gateway_bench_and_hot_swap(tmp_path, running):
     # Afterwards the route and vLLM are as before: the swap copy is unloaded, v1 routed.
     assert read_route(p.path("routing")).model == "text2sql-v1"
     assert set(vllm.adapters) == {"text2sql-v1"}
+
+
+def test_merged_serving_measures_restart_switches(merged, tmp_path):  # noqa: F811
+    """With merged serving the switch is a restart (the vLLM stand-in as a real process): the
+    clients are answered by both names, the route ends where it began, and each switch says
+    how long it took and how long nothing answered."""
+    from pipelines.bench.loadtest import restart_switch
+
+    p, server, _, service, _ = merged
+    p = p.replace(paths={"served_adapters": tmp_path / "served"})
+    make_adapter(p.path("base_model"), p.path("served_adapters") / "text2sql-v1", seed=1)
+    server.serve("text2sql-v1", p.path("served_adapters") / "text2sql-v1")
+    write_route(p.path("routing"), Route("text2sql-v1", 1))
+    app = create_app(
+        service, InferenceLog(f"sqlite:///{tmp_path}/log.db"), RouteWatcher(p.path("routing"))
+    )
+    with LoopbackServer(app) as gateway:
+        result = restart_switch(p.replace(serving={"gateway_port": gateway.port}), 2, server)
+    assert result["mode"] == "merged" and result["swaps"] == 2
+    assert len(result["switch_s"]) == 2 and all(s > 0 for s in result["switch_s"])
+    assert all(s is not None for s in result["unavailable_s"])  # each new name answered
+    assert {"text2sql-v1", "text2sql-v1-swapcheck"} <= set(result["served"])
+    assert result["requests"] == sum(result["served"].values()) + result["failed"]
+    assert read_route(p.path("routing")).model == "text2sql-v1"
+    assert server.loaded() == ["text2sql-v1"]
