@@ -247,7 +247,12 @@ def restart_switch(p: Params, swaps: int, server: MergedServer | None = None) ->
                 server.serve(target.model, adapter)
                 write_route(routing, target)
                 switches.append((started, time.monotonic(), target.model))
-                time.sleep(2 * RETRY_S)  # answers from the new name before the next switch
+                # The next switch only once the new name has answered (or a request's timeout).
+                deadline = time.monotonic() + 2 * cfg.request_timeout_s
+                while time.monotonic() < deadline and not any(
+                    t > started and m == target.model for t, m in answers[::-1]
+                ):
+                    time.sleep(0.2)
             if swaps % 2:  # back on the route it found
                 server.serve(route.model, adapter)
                 write_route(routing, route)
