@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import statistics
 import threading
 import time
@@ -31,7 +30,7 @@ import httpx
 from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.db_schema import ddl_of
 from pipelines.model.prompt import build_prompt
-from pipelines.serving.backend import vllm_url
+from pipelines.serving.backend import external_vllm, vllm_url
 from pipelines.serving.routing import Route, read_route, write_route
 from pipelines.vllm_runtime import VLLMRuntime
 
@@ -288,7 +287,7 @@ def cannot_run(p: Params, champion: Callable[[], int | None] | None = None) -> s
             return "no champion is registered: run `make run` (or `sqlops release`) first"
     from pipelines.serving.vllm_server import VLLMAdmin
 
-    installed = os.environ.get("SQLOPS_VLLM_URL") or VLLMRuntime.of(p).problem() is None
+    installed = external_vllm() or VLLMRuntime.of(p).problem() is None
     if not installed and not VLLMAdmin(vllm_url(p.serving)).healthy():
         return "vLLM is not installed: run `make serve-setup`"
     return None

@@ -32,8 +32,13 @@ class BackendUnavailable(RuntimeError):
     """vLLM cannot answer (down, timed out, adapter not loaded); the message says why."""
 
 
+def external_vllm() -> str | None:
+    """The URL of a vLLM that sqlops did not start and must not restart (`SQLOPS_VLLM_URL`)."""
+    return os.environ.get("SQLOPS_VLLM_URL") or None
+
+
 def vllm_url(cfg: ServingConfig) -> str:
-    return os.environ.get("SQLOPS_VLLM_URL") or f"http://{cfg.host}:{cfg.vllm_port}/v1"
+    return external_vllm() or f"http://{cfg.host}:{cfg.vllm_port}/v1"
 
 
 def vllm_headers() -> dict[str, str]:

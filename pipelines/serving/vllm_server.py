@@ -1,11 +1,13 @@
 """The local vLLM OpenAI server: its command line, start/stop by PID, and the two ways a
 version is put on it (`model_server(p)`, picked by `serves_merged`):
 
-- adapters (default): one vLLM with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`;
+- adapters: one vLLM with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`;
   `VLLMAdmin.serve` loads a version's adapter at runtime (a hot swap, no downtime).
 - merged: vLLM serves the adapter merged into the base weights (pipelines/model/merge.py) under
   `--served-model-name text2sql-v<N>`; `MergedServer.serve` restarts vLLM on the new merged
   model (faster generation, but the gateway answers 503 while vLLM restarts).
+
+`serving.merged: auto` (the default) picks merged on a CPU without bf16 instructions.
 
 vLLM runs from its own venv (pipelines/vllm_runtime.py), bound to loopback. Background
 processes keep their PID and log in `paths.run_dir` (`sqlops serve --stop` ends them by process
@@ -28,7 +30,7 @@ import httpx
 
 from pipelines.config import ROOT, Params
 from pipelines.model.devices import cpu_has_native_bf16, cuda_visible, vllm_dtype
-from pipelines.serving.backend import load_adapter, vllm_headers, vllm_url
+from pipelines.serving.backend import external_vllm, load_adapter, vllm_headers, vllm_url
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
@@ -177,7 +179,7 @@ def ensure_vllm(p: Params) -> VLLMAdmin:
     admin = VLLMAdmin(vllm_url(p.serving))
     if admin.healthy():
         return admin
-    if os.environ.get("SQLOPS_VLLM_URL"):
+    if external_vllm():
         raise RuntimeError(f"vLLM at {admin.root} does not answer")
     _installed(p)
     run_dir = p.path("run_dir")
@@ -224,7 +226,7 @@ class MergedServer:
 
         if name in self.loaded():
             return
-        if os.environ.get("SQLOPS_VLLM_URL"):
+        if external_vllm():
             raise RuntimeError("merged serving restarts vLLM: unset SQLOPS_VLLM_URL")
         model = merged_model_dir(self.p.path("base_model"), adapter, self.p.path("merged_models"))
         cmd = self.command(model, name)
@@ -251,7 +253,7 @@ def serves_merged(p: Params) -> bool:
     setting = p.serving.merged
     if setting != "auto":
         return setting
-    if os.environ.get("SQLOPS_VLLM_URL"):
+    if external_vllm():
         return False
     return not cuda_visible() and not cpu_has_native_bf16()
 
