@@ -173,11 +173,13 @@ class Page:
     """The playground as a person uses it: waits for what they would wait for."""
 
     def __init__(self, driver, url: str, shots: Path):
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.d, self.url, self.shots, self.By = driver, url, shots, By
-        self.wait = WebDriverWait(driver, 15)
+        # The page re-renders a result while it is read: an element gone stale is looked up again.
+        self.wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
         shots.mkdir(parents=True, exist_ok=True)
 
     def find(self, css: str, root=None):
@@ -187,8 +189,10 @@ class Page:
         return (root or self.d).find_elements(self.By.CSS_SELECTOR, css)
 
     def until_text(self, css: str, text: str, root=None):
-        self.wait.until(lambda _: any(text in e.text for e in self.all(css, root)))
-        return next(e for e in self.all(css, root) if text in e.text)
+        """The first element under `css` whose text holds `text`, once there is one."""
+        return self.wait.until(
+            lambda _: next((e for e in self.all(css, root) if text in e.text), False)
+        )
 
     def shot(self, name: str) -> Path:
         path = self.shots / f"{name}.png"
