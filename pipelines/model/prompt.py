@@ -3,7 +3,10 @@
 Training, evaluation, the registered MLflow model and the gateway all call `build_prompt`, so
 the model sees at inference exactly the text it was trained on. The layout follows the seed
 book's template (an instruction line, then `### DDL:`, `### Question:`, `### SQL:`), wrapped in
-the base model's chat template when it has one.
+the base model's chat template when it has one; without one it starts with the tokenizer's
+beginning-of-sequence token, as the model was pretrained (every tokenization here passes
+`add_special_tokens=False`, and Gemma 3's GGUF tokenizer would not add it anyway: without it
+the untuned Gemma 3 270M's loss on the SQL was 2.74 instead of 1.59 nats per token).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def build_prompt(ddl: str, question: str, tokenizer: Any | None = None) -> str:
             {"role": "user", "content": body.rstrip()},
         ]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{INSTRUCTION}\n\n{body}"
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    return f"{bos}{INSTRUCTION}\n\n{body}"
 
 
 def build_completion(sql: str, tokenizer: Any | None = None) -> str:
