@@ -214,6 +214,37 @@ def tiny_base_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, tiny_base_dir) -> Path:
+    """A 2-layer random Gemma 3 (one sliding-window layer with a window of 16 tokens, far
+    shorter than a prompt, and one full-attention layer), with the tiny base's tokenizer."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    out = tmp_path_factory.mktemp("tiny_gemma")
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "base_info.json").write_text(
+        json.dumps({"id": "tiny-gemma3", "source": "test", "weights_sha256": "1" * 64})
+    )
+    return out
+
+
 @pytest.fixture
 def mlflow_cfg(tmp_path: Path, monkeypatch):
     from pipelines.config import MlflowConfig

@@ -56,12 +56,14 @@ def test_shared_prefix_stops_before_the_last_prompt_token():
     assert batches.shared_prefix_len([a, batches.Example([7, 2], 1)]) == 0
 
 
-def test_fast_loss_equals_the_full_computation(tiny_base_dir, prepared_dir):
+@pytest.mark.parametrize("base", ["tiny_base_dir", "tiny_gemma_dir"])
+def test_fast_loss_equals_the_full_computation(base, prepared_dir, request):
     """Shared-prefix + SQL-position loss is exact: same value and same LoRA gradients as
-    transformers' own loss over full sequences."""
+    transformers' own loss over full sequences, for Llama (SmolLM2) and for Gemma 3, whose
+    sliding-window layers keep only the last 16 tokens of the shared prefix's cache here."""
     from peft import LoraConfig, get_peft_model
 
-    model, tok = load_base(tiny_base_dir)
+    model, tok = load_base(request.getfixturevalue(base))
     model = get_peft_model(
         model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     )
