@@ -375,3 +375,17 @@ def test_the_bound_rows_are_greedy_and_the_default():
     assert (rows["greedy"].n, rows["greedy"].grammar) == (1, False)
     assert rows["params.yaml decoding"] == P.decoding
     assert len(variants(P.decoding, 3)) == 4
+
+
+@pytest.mark.parametrize("base", ["tiny_base_dir", "tiny_gemma_dir"])
+def test_grammar_bench_measures_the_mask_against_the_plain_step(base, prepared_dir, request):
+    """`python -m pipelines.bench grammar`: the same gold tokens with and without the grammar,
+    in the bench output contract; the fixture's gold SQL is all inside the grammar."""
+    from pipelines.bench.grammar import bench_grammar
+
+    p = P.replace(paths={"prepared": prepared_dir})
+    r = bench_grammar(p, n_examples=3, base_dir=request.getfixturevalue(base))
+    assert {"metric", "unit", "sqlops", "baseline", "baseline_name", "ratio", "setup"} <= set(r)
+    assert r["sqlops"] > 0 and r["baseline"] > 0 and r["setup"]["tokens"] > 0
+    assert r["setup"]["gold_queries_the_grammar_refused"] == 0
+    assert r["setup"]["grammar_compile_s_mean"] > 0 and r["setup"]["tokenizer_index_s"] > 0

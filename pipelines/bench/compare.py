@@ -3,6 +3,8 @@
     python -m pipelines.bench train        training tokens/s: sqlops step vs a naive LoRA step
     python -m pipelines.bench generation   generation tokens/s: the backend sqlops picks
                                            vs transformers batched (batch 16, fp32)
+    python -m pipelines.bench grammar      ms per decoding step with the schema grammar's
+                                           vocabulary mask vs without (bench/grammar.py)
     python -m pipelines.bench serving      seconds/request through the gateway vs vLLM directly,
                                            then a hot swap under load (bench/loadtest.py)
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
+from pipelines.bench.grammar import bench_grammar
 from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.data.records import read_jsonl, sample_records
 from pipelines.model import backends, batches, devices
@@ -246,7 +249,12 @@ def bench_serving(p: Params, **load) -> dict | None:
 def main() -> None:
     setup_entry_point()
     parser = argparse.ArgumentParser(description=__doc__)
-    benches = {"train": bench_train, "generation": bench_generation, "serving": bench_serving}
+    benches = {
+        "train": bench_train,
+        "generation": bench_generation,
+        "grammar": lambda p: _write(p, "grammar", bench_grammar(p)),
+        "serving": bench_serving,
+    }
     parser.add_argument("name", nargs="*", help=f"one or more of {sorted(benches)} (default: all)")
     args = parser.parse_args()
     unknown = set(args.name) - set(benches)
