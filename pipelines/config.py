@@ -24,6 +24,7 @@ class _Block(BaseModel):
 
 class Paths(_Block):
     base_model: Path  # safetensors + tokenizer of the base model
+    base_models: Path  # every registered version's base weights, one folder per weights hash
     synthetic: Path  # synth output: examples.jsonl + databases/
     prepared: Path  # train.jsonl, eval.jsonl, databases/, stats.json
     validation: Path  # Great Expectations summary + Data Docs

@@ -245,6 +245,37 @@ def tiny_gemma_dir(tmp_path_factory, tiny_base_dir) -> Path:
     return out
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def two_bases(tmp_path_factory, tiny_base_dir) -> tuple[Path, Path]:
+    """Two tiny base models with different weights and their real weights hashes, as the
+    `base_model` stage saves them: `tiny-a` with a chat template, `tiny-b` without (prompts
+    differ per base, as SmolLM2's and Gemma's do)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipelines.model.base_store import weights_sha256
+
+    config = LlamaConfig.from_pretrained(tiny_base_dir)
+    bases = []
+    for seed, (name, template) in enumerate((("a", CHAT_TEMPLATE), ("b", None))):
+        out = tmp_path_factory.mktemp(f"base_{name}")
+        torch.manual_seed(100 + seed)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+        tok.chat_template = template
+        tok.save_pretrained(out)
+        info = {"id": f"tiny-{name}", "source": "test", "weights_sha256": weights_sha256(out)}
+        (out / "base_info.json").write_text(json.dumps(info | {"licence": "test-only"}))
+        bases.append(out)
+    return bases[0], bases[1]
+
+
 @pytest.fixture
 def mlflow_cfg(tmp_path: Path, monkeypatch):
     from pipelines.config import MlflowConfig

@@ -7,7 +7,8 @@ question in `model_answers[model]`, then in `answers` (the tests' oracle); `stop
 on the same port simulate vLLM going down and coming back. `lora=False` acts as a vLLM serving
 merged weights: one model under its `--served-model-name`, no LoRA endpoints; `python -m
 tests.fake_vllm --port P --served-model-name NAME --model DIR --answers FILE` runs that as a
-process (merged-serving restarts are real process restarts).
+process (merged-serving restarts are real process restarts); `--lora` without a served name runs
+runtime-LoRA serving on the base model DIR that way (restarts onto another base model).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FakeVLLM:
         self.fail_for: set[str] = set()  # models whose completions return 500
         self.api_key: str | None = None  # as vLLM's --api-key: required on /v1/* when set
         self.bodies: list[dict] = []  # every completions request body, in arrival order
+        self.request_log: Path | None = None  # bodies also appended here (a server process)
         self.port = 0
         self._server: LoopbackServer | None = None
         self.app = self._build_app()
@@ -105,6 +107,9 @@ class FakeVLLM:
             question = m.group(1).strip() if m else ""
             self.calls[model] += 1
             self.bodies.append(body)
+            if self.request_log is not None:
+                with self.request_log.open("a") as f:
+                    f.write(json.dumps(body) + "\n")
             text = self.model_answers.get(model, {}).get(question)
             text = self.answers.get(question, "SELECT 1") if text is None else text
             # n completions of the oracle's text; with `logprobs`, one token scored -1 each.
@@ -167,15 +172,20 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def main() -> None:
-    """A merged-model server process until SIGTERM."""
+    """A model server process until SIGTERM: merged weights served as `--served-model-name`,
+    or with `--lora` the base model `--model` with runtime LoRA (as vLLM, named by its path)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--served-model-name", required=True)
+    ap.add_argument("--served-model-name")
     ap.add_argument("--model", required=True)
     ap.add_argument("--answers", required=True, help="JSON file: question -> completion")
+    ap.add_argument("--lora", action="store_true", help="runtime LoRA endpoints on")
+    ap.add_argument("--requests", type=Path, help="JSONL file: every completions request body")
     args = ap.parse_args()
     answers = json.loads(Path(args.answers).read_text())
-    fake = FakeVLLM(answers, base=args.served_model_name, lora=False, root=args.model)
+    name = args.served_model_name or args.model
+    fake = FakeVLLM(answers, base=name, lora=args.lora, root=args.model)
+    fake.request_log = args.requests
     fake.port = args.port
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait, not as an exit

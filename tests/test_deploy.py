@@ -27,6 +27,7 @@ class FakeRegistry:
     def __init__(self, root: Path, champion: int | None):
         self.root, self._champion, self.moves = root, champion, []
         self.failures: dict[int, str] = {}  # version -> reason (MLflow: the deploy_failed tag)
+        self.bases: dict[int, Path] = {}  # version -> its base-model folder (none: unnamed)
 
     def champion(self) -> int | None:
         return self._champion
@@ -46,6 +47,9 @@ class FakeRegistry:
         path = self.root / f"v{version}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def base_path(self, version: int) -> Path | None:
+        return self.bases.get(version)
 
 
 @pytest.fixture

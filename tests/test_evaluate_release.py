@@ -35,6 +35,7 @@ def _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, name="adapter"):
     paths = p.paths.model_copy(
         update={
             "base_model": tiny_base_dir,
+            "base_models": tmp_path / "bases",
             "prepared": prepared_dir,
             "adapter": tmp_path / name,
             "checkpoints": tmp_path / "ckpt",

@@ -165,10 +165,10 @@ class RefusingServer(VLLMAdmin):
         super().__init__(base_url)
         self.refuse: set[str] = set()
 
-    def serve(self, name, adapter) -> None:
+    def serve(self, name, adapter, base=None) -> None:
         if name in self.refuse:
             raise RuntimeError(f"vLLM refused to load {name}")
-        super().serve(name, adapter)
+        super().serve(name, adapter, base)
 
 
 def test_revert_whose_own_reload_fails_leaves_nothing_failed_routed(env):  # noqa: F811

@@ -51,6 +51,9 @@ class AdapterDir:
     def adapter_path(self, version: int) -> Path:
         return self.path
 
+    def base_path(self, version: int) -> Path | None:
+        return None  # the base vLLM serves
+
 
 @pytest.fixture(scope="module")
 def real_vllm(tmp_path_factory):

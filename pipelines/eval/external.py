@@ -7,9 +7,9 @@ The dataset is read by the importer `prepare` uses for Spider-format sources, it
 copied under DIR/databases, and the models are scored by `evaluate_models`, the `evaluate`
 stage's own loop: DIR gets the same report (eval.json, predictions, breakdown, disagreements)
 and an MLflow run (`eval-<dataset>`) gets the figures and tables. A registered version loads
-through its MLflow pyfunc (LoRA adapter artifact on the base model it references, whose weights
-hash must match) and generates through `pipelines.model.backends` like the `evaluate` stage;
-`base` is `paths.base_model` alone.
+through its MLflow pyfunc (LoRA adapter artifact on its own base model, found by weights hash
+here or fetched from MLflow: pipelines/model/base_store.py) and generates through
+`pipelines.model.backends` like the `evaluate` stage; `base` is `paths.base_model` alone.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pipelines.eval.evaluate import (
 )
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model.backends import ModelSpec
+from pipelines.model.base_store import version_base_dir
 from pipelines.tracking import configure_mlflow
 from pipelines.vllm_runtime import VLLMRuntime
 
@@ -90,12 +91,20 @@ def model_loader(spec: str, p: Params, work_dir: Path) -> tuple[str, ModelLoader
     except MlflowException as e:
         raise ValueError(f"{spec}: no such registered model version ({e.message})") from e
     info = {"uri": spec, "name": name, "version": int(mv.version), "run_id": mv.run_id}
+    # Its own base model, found (or fetched from MLflow) now: a missing one is a one-line
+    # error before anything slow runs.
+    version_base_dir(p, client, name, int(mv.version))
+    here = {
+        "base_model_path": str(p.path("base_model")),
+        "base_store_path": str(p.path("base_models")),
+    }
 
     def load() -> ModelSpec:
-        # The registered pyfunc checks the base weights hash and names its adapter's folder.
+        # The registered pyfunc finds its base weights (by hash) and names its adapter's folder.
         uri, dst = f"models:/{name}/{mv.version}", work_dir / label
         dst.mkdir(parents=True, exist_ok=True)
-        wrapper = mlflow.pyfunc.load_model(uri, dst_path=str(dst)).unwrap_python_model()
+        model = mlflow.pyfunc.load_model(uri, dst_path=str(dst), model_config=here)
+        wrapper = model.unwrap_python_model()
         return ModelSpec(wrapper.base_dir, wrapper.adapter_dir)
 
     return label, load, info  # the label names MLflow metrics: no `@` or `/`

@@ -32,10 +32,9 @@ from pipelines.release.deploy import (
     deploy_lock,
     served_route,
 )
-from pipelines.serving.backend import vllm_url
-from pipelines.serving.routing import Route, adapter_name, read_route
+from pipelines.serving.routing import Route, adapter_name, read_route, shares_base
 from pipelines.serving.service import Text2SQL
-from pipelines.serving.vllm_server import MergedServer, ModelServer, VLLMAdmin, serves_merged
+from pipelines.serving.vllm_server import AdapterServer, MergedServer, ModelServer, serves_merged
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 5  # deploys per reconcile while the alias keeps moving (then the next tick)
@@ -70,9 +69,9 @@ def served_version(p: Params) -> int | None:
 
 def gateway_model_server(p: Params) -> ModelServer:
     """The model server as the gateway process may use it: the running vLLM (a vLLM that is
-    down is `sqlops serve`'s to start, the deploy fails and is retried), or with merged serving
-    the restarting one."""
-    return MergedServer(p) if serves_merged(p) else VLLMAdmin(vllm_url(p.serving))
+    down is `sqlops serve`'s to start, the deploy fails and is retried; one on another base
+    than the champion's is restarted on it), or with merged serving the restarting one."""
+    return MergedServer(p) if serves_merged(p) else AdapterServer(p)
 
 
 def reconcile(
@@ -128,6 +127,7 @@ class ReconcileLoop:
         self.challenger = challenger
         self.last: ReconcileResult | None = None
         self.shadow: Route | None = None  # the challenger's route while shadow traffic is on
+        self._apart: int | None = None  # a challenger left without shadow: on another base
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._registry: Registry | None = None
@@ -170,17 +170,24 @@ class ReconcileLoop:
 
     def _keep_shadow(self, server: ModelServer, result: ReconcileResult) -> None:
         """The challenger loaded beside the champion while `serving.shadow_share` > 0 (adapter
-        serving only: a merged vLLM serves one model)."""
+        serving only: a merged vLLM serves one model; and only on the champion's base, which
+        vLLM serves)."""
         cfg = self.p.serving
         version = self.challenger() if self.challenger and cfg.shadow_share > 0 else None
         if version is None or version == result.served or serves_merged(self.p):
             self.shadow = None
             return
         name = adapter_name(self.p.registry.model_name, version)
+        base = self._registry.base_path(version)
+        if not shares_base(read_route(self.p.path("routing")), base):
+            if version != self._apart:  # said once per challenger
+                log.info("no shadow traffic: %s is on another base model than the champion", name)
+            self.shadow, self._apart = None, version
+            return
         if self.shadow is None or self.shadow.version != version:
             path = self._registry.adapter_path(version)
-            server.serve(name, path)
-            self.shadow = served_route(self.p, name, version, path)
+            server.serve(name, path, base)
+            self.shadow = served_route(self.p, name, version, path, base)
             log.info("shadow traffic: %.0f%% of requests also to %s", 100 * cfg.shadow_share, name)
 
     def health(self) -> dict:

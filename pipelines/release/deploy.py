@@ -14,9 +14,10 @@ rather than the failed version; a first deploy that fails removes the alias it c
 A model server that is down is not the version's fault: the alias stays and the deploy is
 retried. `deploy_lock(p)` serialises deploys across processes (CLI, gateway).
 
-"Make vLLM serve it" is the model server's `serve(name, adapter)` (pipelines/serving/
-vllm_server.py): a runtime LoRA load into a running vLLM (default, no restart of anything), or
-with `serving.merged` a restart of vLLM on the adapter merged into the base weights.
+"Make vLLM serve it" is the model server's `serve(name, adapter, base)` (pipelines/serving/
+vllm_server.py), on the version's own base model (pipelines/model/base_store.py): a runtime
+LoRA load into a running vLLM (no restart, unless the version's base is another one than vLLM
+serves), or with `serving.merged` a restart of vLLM on the adapter merged into its base.
 
 The model server, the registry and the smoke-test service are arguments with real defaults,
 so tests run the whole sequence against a local stand-in. Called by `sqlops deploy|serve|
@@ -64,6 +65,8 @@ class Registry(Protocol):
     def set_champion(self, version: int) -> None: ...
     def clear_champion(self) -> None: ...
     def adapter_path(self, version: int) -> Path: ...
+    # The version's base-model folder (pipelines/model/base_store.py); None: it names none
+    def base_path(self, version: int) -> Path | None: ...
     def note_failure(self, version: int, reason: str) -> None: ...
 
 
@@ -99,6 +102,13 @@ class MlflowRegistry:
         self.client.set_model_version_tag(
             name, str(version), FAILURE_TAG, f"{stamp}: {reason}"[:5000]
         )
+
+    def base_path(self, version: int) -> Path | None:
+        """The version's own base model: stored here, or fetched from MLflow (BaseUnavailable,
+        one line, when it is nowhere)."""
+        from pipelines.model.base_store import version_base_dir
+
+        return version_base_dir(self.p, self.client, self.p.registry.model_name, version)
 
     def adapter_path(self, version: int) -> Path:
         """`<paths.served_adapters>/<model>-v<N>/`, copied out of the registered model once. A
@@ -219,9 +229,9 @@ def deploy(
     service = service or service_from_params(p, cache=False)
     questions = canaries(p, cfg.smoke_questions)
     try:
-        path = registry.adapter_path(version)
-        server.serve(name, path)
-        route = served_route(p, name, version, path)
+        path, base = registry.adapter_path(version), registry.base_path(version)
+        server.serve(name, path, base)  # on another base than the running one: a restart
+        route = served_route(p, name, version, path, base)
         # The first batch in a vLLM process (LoRA's above all) is very slow: pay it before
         # users are routed here.
         smoke_test(service, route, questions[:1], 0.0)
@@ -280,8 +290,8 @@ def revert(
         _alias_back(registry, failed.version, None)
         return None
     try:
-        path = registry.adapter_path(to.version)
-        server.serve(to.model, path)  # an adapter is still loaded unless pruned
+        path, base = registry.adapter_path(to.version), registry.base_path(to.version)
+        server.serve(to.model, path, base)  # an adapter is still loaded unless pruned
     except Exception:
         # A version that failed its smoke test is never left serving: 503s until the reconcile
         # loop serves the alias (moved back below) again.
@@ -289,7 +299,7 @@ def revert(
         routing.unlink(missing_ok=True)
         _alias_back(registry, failed.version, to.version)
         return None
-    write_route(routing, served_route(p, to.model, to.version, path))
+    write_route(routing, served_route(p, to.model, to.version, path, base))
     _alias_back(registry, failed.version, to.version)
     with contextlib.suppress(Exception):  # merged serving already dropped it with the restart
         server.unload(failed.model)
@@ -330,19 +340,23 @@ def is_serving(p: Params) -> bool:
     return read_route(p.path("routing")) is not None and VLLMAdmin(vllm_url(p.serving)).healthy()
 
 
-def served_route(p: Params, name: str, version: int, adapter: Path) -> Route:
-    """The route to a served version. With merged serving it names no adapter: the gateway
-    must not try to load a LoRA into a vLLM that serves merged weights (a 404 there is a 503)."""
-    return Route(name, version, time.time(), None if serves_merged(p) else str(adapter))
+def served_route(
+    p: Params, name: str, version: int, adapter: Path, base: Path | None = None
+) -> Route:
+    """The route to a served version, naming its base model (whose tokenizer builds the
+    prompt). With merged serving it names no adapter: the gateway must not try to load a LoRA
+    into a vLLM that serves merged weights (a 404 there is a 503)."""
+    lora = None if serves_merged(p) else str(adapter)
+    return Route(name, version, time.time(), lora, str(base) if base else None)
 
 
 def route_to(p: Params, version: int, server: ModelServer, registry: Registry) -> Route:
     """Serve `version` now (after `sqlops rollback` moved the alias, or after vLLM restarted)
     and route to it."""
     name = adapter_name(p.registry.model_name, version)
-    path = registry.adapter_path(version)
-    server.serve(name, path)
-    route = served_route(p, name, version, path)
+    path, base = registry.adapter_path(version), registry.base_path(version)
+    server.serve(name, path, base)
+    route = served_route(p, name, version, path, base)
     write_route(p.path("routing"), route)
     log.info("routed the gateway to %s", name)
     return route
@@ -358,9 +372,11 @@ def serve(p: Params, background: bool) -> int:
     cfg = p.serving
     route = read_route(p.path("routing"))
     registry = MlflowRegistry(p)
-    if route is None and registry.champion() is None:
+    champion = registry.champion()
+    if route is None and champion is None:
         raise ValueError("no champion to serve: run `sqlops release` first")
-    server = model_server(p)
+    # vLLM (when it is started here) starts on the champion's base: no restart to serve it.
+    server = model_server(p, registry.base_path(champion) if champion else None)
     # The champion, not the last route: the alias may have moved while nothing was serving.
     result = reconcile(p, server=server, registry=registry)
     route = read_route(p.path("routing"))

@@ -1,8 +1,9 @@
 """The MLflow model registry side of a release: register, gate, promote, roll back.
 
 A model version is an `mlflow.pyfunc` model whose artifacts are the LoRA adapter; its config
-references the base model by path, id and weights hash, and its code is this package (so the
-version loads anywhere through `mlflow.pyfunc.load_model("models:/text2sql@champion")`).
+and tags name its base model by id, weights hash and MLflow copy (pipelines/model/base_store.py
+keeps each base once per hash), and its code is this package (so the version loads anywhere
+through `mlflow.pyfunc.load_model("models:/text2sql@champion")`, on its own base model).
 Aliases, not stages: `challenger` is the newest candidate, `champion` the one served. The
 registered model's `champion_history` tag lists past champions so `rollback` can go back.
 
@@ -24,7 +25,8 @@ import mlflow
 from mlflow import MlflowClient
 from pipelines.config import Params, resolve, sqlite_url
 from pipelines.data.records import read_jsonl
-from pipelines.lineage import base_model_info, content_hash
+from pipelines.lineage import content_hash
+from pipelines.model.base_store import BaseRef, base_dir_for, store_base, version_base_dir
 from pipelines.release.gate import Decision, LiveErrors, live_errors, should_promote
 from pipelines.tracking import configure_mlflow
 
@@ -42,14 +44,12 @@ class Text2SQLModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         cfg = context.model_config
-        base_dir = Path(cfg["base_model_path"])
-        info = base_model_info(base_dir)
-        if info["weights_sha256"] != cfg["base_model_hash"]:
-            raise MlflowException(
-                f"base model at {base_dir} has weights {info['weights_sha256'][:12]}, "
-                f"this version was trained on {cfg['base_model_hash'][:12]}"
-            )
-        self.base_dir, self.adapter_dir = base_dir, Path(context.artifacts["adapter"])
+        ref = BaseRef(cfg["base_model_id"], cfg["base_model_hash"], cfg.get("base_model_uri"))
+        local = Path(cfg["base_model_path"])
+        # Versions registered before the store named none: it sits beside paths.base_model.
+        store = Path(cfg.get("base_store_path") or local.parent / "bases")
+        self.base_dir = base_dir_for(ref, local, store)
+        self.adapter_dir = Path(context.artifacts["adapter"])
         self.batch_size, self.max_new_tokens = cfg["generation_batch_size"], cfg["max_new_tokens"]
         self.model = self.tok = None
 
@@ -94,11 +94,13 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
             log.info("adapter already registered as %s version %s", name, mv.version)
             return int(mv.version), True
 
-    base = base_model_info(p.path("base_model"))
+    base = store_base(p, client)  # the version's base, reachable wherever it is loaded
     config = {
         "base_model_path": str(p.path("base_model")),
-        "base_model_id": base["id"],
-        "base_model_hash": base["weights_sha256"],
+        "base_store_path": str(p.path("base_models")),
+        "base_model_id": base.id,
+        "base_model_hash": base.hash,
+        "base_model_uri": base.uri,
         "generation_batch_size": p.evaluate.batch_size,  # not `batch_size`: a training param
         "max_new_tokens": p.evaluate.max_new_tokens,
     }
@@ -125,8 +127,7 @@ def register(p: Params, client: MlflowClient) -> tuple[int, bool]:
     tags = {
         "git_commit": mlflow.get_run(train_info["run_id"]).data.tags.get("git_commit", "unknown"),
         "data_hash": train_info["data_hash"],
-        "base_model": base["id"],
-        "base_model_hash": base["weights_sha256"],
+        **base.tags(),
         "adapter_hash": adapter_hash,
         "run_id": train_info["run_id"],
         **_flat_metrics(metrics),
@@ -273,7 +274,9 @@ def rollback(p: Params, to: int | None = None) -> tuple[int | None, int]:
         if not earlier:
             raise ValueError(f"{name} has no earlier champion to roll back to (history {history})")
         to = earlier[-1]
-    client.get_model_version(name, str(to))  # raises when the version does not exist
+    # Raises when the version does not exist, or (one line) when its base model is nowhere:
+    # the alias must not name a version that cannot be served.
+    version_base_dir(p, client, name, to)
     client.set_registered_model_alias(name, CHAMPION, str(to))
     # The rolled-back version leaves the history so a second rollback goes further back.
     kept = [v for v in history if v != current and v != to] + [to]

@@ -25,12 +25,12 @@ from fastapi import FastAPI
 
 from pipelines.config import Params, load_params, setup_entry_point
 from pipelines.release.controller import ReconcileLoop
-from pipelines.release.deploy import MlflowRegistry, Registry
+from pipelines.release.deploy import MlflowRegistry, Registry, served_route
 from pipelines.release.registry import CHALLENGER, CHAMPION, current_version, list_versions
 from pipelines.release.webhook import webhook_router
 from pipelines.serving.gateway import create_app
 from pipelines.serving.inference_log import InferenceLog
-from pipelines.serving.routing import Route, RouteWatcher, adapter_name
+from pipelines.serving.routing import Route, RouteWatcher, adapter_name, read_route, shares_base
 from pipelines.serving.service import service_from_params
 from pipelines.serving.vllm_server import ModelServer, serves_merged
 
@@ -38,8 +38,9 @@ from pipelines.serving.vllm_server import ModelServer, serves_merged
 def challenger_route(p: Params) -> Callable[[], Route | None]:
     """The registry's `challenger` as a route, for requests that ask for it (the playground's
     side by side). Its adapter is copied out of MLflow once; the gateway loads it into vLLM on
-    first use, as it reloads any routed adapter vLLM lacks. None without a challenger, and with
-    merged serving (vLLM then holds the champion's merged weights only)."""
+    first use, as it reloads any routed adapter vLLM lacks. None without a challenger, with
+    merged serving (vLLM then holds the champion's merged weights only), and for a challenger
+    on another base model than the served one (vLLM serves one base)."""
 
     @functools.cache  # made on first use: no MLflow work when the gateway starts
     def registry() -> MlflowRegistry:
@@ -52,8 +53,11 @@ def challenger_route(p: Params) -> Callable[[], Route | None]:
         version = current_version(registry().client, name, CHALLENGER)
         if version is None:
             return None
+        base = registry().base_path(version)
+        if not shares_base(read_route(p.path("routing")), base):
+            return None
         path = registry().adapter_path(version)
-        return Route(adapter_name(name, version), version, adapter_path=str(path))
+        return served_route(p, adapter_name(name, version), version, path, base)
 
     return current
 

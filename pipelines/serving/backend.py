@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import weakref
+from pathlib import Path
 
 import httpx
 import openai
@@ -59,6 +60,16 @@ def load_adapter(http: httpx.Client, root: str, name: str, path: str) -> None:
         raise RuntimeError(f"vLLM refused to load {name}: {r.status_code} {r.text[:300]}")
 
 
+def served_base(http: httpx.Client, root: str) -> str | None:
+    """The base-model folder a vLLM serves (its `--model`, the model without a parent)."""
+    data = http.get(f"{root}/v1/models", headers=vllm_headers()).raise_for_status().json()["data"]
+    return next((m.get("root") for m in data if not m.get("parent")), None)
+
+
+def same_base(served: str | None, base: Path | str) -> bool:
+    return served is not None and Path(served).resolve() == Path(base).resolve()
+
+
 class VLLMCompletions:
     """The OpenAI completions API of a vLLM server (the prompt is already chat-formatted)."""
 
@@ -82,7 +93,12 @@ class VLLMCompletions:
         return self._clients[loop]
 
     async def candidates(
-        self, model: str, prompt: str, requests: list[dict], adapter_path: str | None = None
+        self,
+        model: str,
+        prompt: str,
+        requests: list[dict],
+        adapter_path: str | None = None,
+        base_path: str | None = None,
     ) -> list[Candidate]:
         """Every completion of `requests` (one prompt's engine requests), in request order."""
         try:
@@ -90,7 +106,7 @@ class VLLMCompletions:
         except openai.NotFoundError as e:
             if adapter_path is None:
                 raise BackendUnavailable(f"model {model} is not loaded on the model server") from e
-            await self._reload(model, adapter_path)
+            await self._reload(model, adapter_path, base_path)
             outs = await asyncio.gather(*(self._request(model, prompt, r) for r in requests))
         return [c for out in outs for c in out]
 
@@ -133,11 +149,17 @@ class VLLMCompletions:
             await self._reload(model, adapter_path)
             return await self._complete(model, prompt)
 
-    async def _reload(self, model: str, adapter_path: str) -> None:
+    async def _reload(self, model: str, adapter_path: str, base_path: str | None = None) -> None:
+        """The adapter loaded again, only into a vLLM that serves its base model (one switching
+        to another version's base is a 503 until the route follows)."""
         root = self.base_url.removesuffix("/v1")
 
         def load() -> None:
-            with httpx.Client(timeout=self.timeout_s) as http:
+            with httpx.Client(timeout=self.timeout_s, headers=vllm_headers()) as http:
+                if base_path is not None and not same_base(
+                    served := served_base(http, root), base_path
+                ):
+                    raise RuntimeError(f"the model server runs base model {served}")
                 load_adapter(http, root, model, adapter_path)
 
         try:

@@ -3,7 +3,7 @@ gateway re-reads when it changes, so a switch needs no restart of either process
 
 The file holds the served name (`<model>-v<N>`, immutable: a new version never reuses a name,
 so vLLM can never answer from a stale cached adapter; with `serving.merged` it is vLLM's
-`--served-model-name`) and the registry version behind it.
+`--served-model-name`), the registry version behind it, and the folder of its base model.
 """
 
 from __future__ import annotations
@@ -22,10 +22,21 @@ class Route:
     updated: float = 0.0  # unix seconds of the switch
     # Lets the gateway reload the adapter into a restarted vLLM; None with merged serving.
     adapter_path: str | None = None
+    # The version's base-model folder: its tokenizer builds the prompt (chat templates differ
+    # per base). None: the configured base (route files written before versions kept theirs).
+    base_path: str | None = None
 
 
 def adapter_name(model_name: str, version: int) -> str:
     return f"{model_name}-v{version}"
+
+
+def shares_base(route: Route | None, base: Path | None) -> bool:
+    """Whether a version on `base` can be loaded beside the routed one (runtime LoRA: one vLLM
+    serves one base). A side that names no base is on the configured one."""
+    if route is None or route.base_path is None or base is None:
+        return True
+    return Path(route.base_path).resolve() == Path(base).resolve()
 
 
 def write_route(path: Path, route: Route) -> None:
@@ -47,6 +58,7 @@ def read_route(path: Path) -> Route | None:
         version=int(data["version"]),
         updated=data["updated"],
         adapter_path=data.get("adapter_path"),
+        base_path=data.get("base_path"),
     )
 
 

@@ -132,7 +132,9 @@ class Text2SQL:
         backend: Any,
         decoding: DecodingConfig = GREEDY,
     ):
+        # `tokenizer`: the configured base model's, for routes that name no base of their own
         self.cfg, self.databases, self.tok, self.backend = cfg, databases, tokenizer, backend
+        self._toks: dict[str, Any] = {}  # base-model folder -> its tokenizer (one per base)
         self.decoding = decoding  # params.yaml `decoding:`, as evaluation decodes
         self.cache = ResponseCache(cfg.cache_size)
         self.metrics = GatewayMetrics()
@@ -162,6 +164,20 @@ class Text2SQL:
             raise DatabaseUnavailable(f"database {db_id} has no tables right now (being rebuilt?)")
         self._ddl[db_id] = (identity, ddl)
         return ddl
+
+    async def tokenizer(self, route: Route) -> Any:
+        """The tokenizer of the routed version's base model (read once per base)."""
+        if route.base_path is None:
+            return self.tok
+        if route.base_path not in self._toks:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = await run_in_threadpool(AutoTokenizer.from_pretrained, route.base_path)
+            except OSError as e:
+                raise BackendUnavailable(f"base model of {route.model} unreadable: {e}") from e
+            self._toks[route.base_path] = tok
+        return self._toks[route.base_path]
 
     def execute(self, db_id: str, sql: str) -> ExecResult:
         """Guarded, bounded, read-only execution on a known database: generated SQL and SQL a
@@ -206,14 +222,15 @@ class Text2SQL:
         if sql is None:
             db_path = self.databases / f"{db_id}.sqlite"
             try:
+                tok = await self.tokenizer(route)
                 schema = fit_schema(ddl, question, self.cfg.max_ddl_chars)
-                prompt = build_prompt(schema, question, self.tok)
-                ids = self.tok(prompt, add_special_tokens=False).input_ids
+                prompt = build_prompt(schema, question, tok)
+                ids = tok(prompt, add_special_tokens=False).input_ids
                 grammar = grammar_for(db_path, self.decoding)
                 requests = engine_requests(ids, grammar, self.decoding, self.cfg.max_new_tokens)
                 start = time.perf_counter()
                 cands = await self.backend.candidates(
-                    route.model, prompt, requests, route.adapter_path
+                    route.model, prompt, requests, route.adapter_path, route.base_path
                 )
                 upstream_s = time.perf_counter() - start
             except BackendUnavailable as e:
@@ -265,8 +282,9 @@ class Text2SQL:
 
 
 def service_from_params(p: Params, cache: bool = True) -> Text2SQL:
-    """The request path as served: the base model's tokenizer, the configured vLLM server,
-    the prepared databases; `cache=False` for the smoke test (every canary really generates)."""
+    """The request path as served: the configured base model's tokenizer (a route naming its
+    version's base uses that one's), the configured vLLM server, the prepared databases;
+    `cache=False` for the smoke test (every canary really generates)."""
     from transformers import AutoTokenizer
 
     cfg = p.serving if cache else p.serving.model_copy(update={"cache_size": 0})

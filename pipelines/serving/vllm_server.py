@@ -2,7 +2,8 @@
 version is put on it (`model_server(p)`, picked by `serves_merged`):
 
 - adapters: one vLLM with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`;
-  `VLLMAdmin.serve` loads a version's adapter at runtime (a hot swap, no downtime).
+  `AdapterServer.serve` loads a version's adapter at runtime (a hot swap, no downtime); a
+  version on another base model (pipelines/model/base_store.py) restarts vLLM on that base.
 - merged: vLLM serves the adapter merged into the base weights (pipelines/model/merge.py) under
   `--served-model-name text2sql-v<N>`; `MergedServer.serve` restarts vLLM on the new merged
   model (faster generation, but the gateway answers 503 while vLLM restarts).
@@ -30,7 +31,14 @@ import httpx
 
 from pipelines.config import ROOT, Params
 from pipelines.model.devices import cpu_has_native_bf16, cuda_visible, vllm_dtype
-from pipelines.serving.backend import external_vllm, load_adapter, vllm_headers, vllm_url
+from pipelines.serving.backend import (
+    external_vllm,
+    load_adapter,
+    same_base,
+    served_base,
+    vllm_headers,
+    vllm_url,
+)
 from pipelines.vllm_runtime import VLLMRuntime
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,9 @@ class ModelServer(Protocol):
 
     def healthy(self) -> bool: ...
     def loaded(self) -> list[str]: ...
-    def serve(self, name: str, adapter: Path) -> None: ...
+    # `base`: the version's base-model folder (None: a version that names none, served on
+    # whatever base is running)
+    def serve(self, name: str, adapter: Path, base: Path | None = None) -> None: ...
     def unload(self, name: str) -> None: ...
 
 
@@ -64,9 +74,21 @@ class VLLMAdmin:
         data = self.http.get(f"{self.root}/v1/models").raise_for_status().json()["data"]
         return [m["id"] for m in data if m.get("parent")]
 
-    def serve(self, name: str, adapter: Path) -> None:
-        """Make `name` servable: its adapter is loaded beside the others."""
+    def base(self) -> str | None:
+        """The base-model folder the running vLLM serves (its `--model`)."""
+        return served_base(self.http, self.root)
+
+    def serve(self, name: str, adapter: Path, base: Path | None = None) -> None:
+        """Make `name` servable: its adapter is loaded beside the others, on its own base."""
+        if base is not None and not same_base(self.base(), base):
+            self.switch_base(name, base)
         self.load(name, adapter)
+
+    def switch_base(self, name: str, base: Path) -> None:
+        raise RuntimeError(
+            f"vLLM at {self.root} serves the base model {self.base()}, {name} needs {base}: "
+            "a vLLM sqlops did not start is not restarted"
+        )
 
     def load(self, name: str, path: Path) -> None:
         """Load an adapter beside the others (pipelines/serving/backend.py `load_adapter`)."""
@@ -173,20 +195,51 @@ def _installed(p: Params) -> None:
         raise FileNotFoundError(problem)
 
 
-def ensure_vllm(p: Params) -> VLLMAdmin:
-    """The configured vLLM with runtime LoRA; started on loopback (from .venv-vllm) when
-    nothing answers there."""
-    admin = VLLMAdmin(vllm_url(p.serving))
-    if admin.healthy():
-        return admin
-    if external_vllm():
-        raise RuntimeError(f"vLLM at {admin.root} does not answer")
-    _installed(p)
+def restart_vllm(p: Params, admin: VLLMAdmin, cmd: list[str], what: str) -> None:
+    """Stop the vLLM sqlops started (by PID) and start `cmd` in its place, until healthy."""
     run_dir = p.path("run_dir")
-    pid = start_background("vllm", vllm_command(p), vllm_env(p), run_dir)
-    log.info("started vLLM (pid %d, log %s/vllm.log); waiting until healthy", pid, run_dir)
+    if stop_background("vllm", run_dir):
+        log.info("stopped vLLM to serve %s", what)
+    if admin.healthy():  # started by hand or by another checkout: not ours to stop
+        raise RuntimeError(f"a vLLM not started by sqlops answers at {admin.root}; stop it")
+    pid = start_background("vllm", cmd, vllm_env(p), run_dir)
+    log.info("started vLLM for %s (pid %d); waiting until healthy", what, pid)
     wait_healthy(admin, pid, p.serving.vllm_startup_timeout_s, run_dir / "vllm.log")
-    return admin
+
+
+class AdapterServer(VLLMAdmin):
+    """The vLLM with runtime LoRA that sqlops starts: adapters load at runtime (a hot swap); a
+    version on another base model restarts it on that base (like a merged switch, the gateway
+    answers 503 meanwhile). `command(base)` is its command line (tests pass a stand-in)."""
+
+    def __init__(self, p: Params, command: Callable[[Path], list[str]] | None = None):
+        super().__init__(vllm_url(p.serving))
+        self.p = p
+        self.command = command or self._vllm_command
+
+    def _vllm_command(self, base: Path) -> list[str]:
+        _installed(self.p)
+        return vllm_command(self.p, base)
+
+    def start(self, base: Path | None = None) -> AdapterServer:
+        """Started on loopback (from .venv-vllm) on `base` when nothing answers there."""
+        if not self.healthy():
+            if external_vllm():
+                raise RuntimeError(f"vLLM at {self.root} does not answer")
+            base = base or self.p.path("base_model")
+            restart_vllm(self.p, self, self.command(base), f"runtime LoRA on {base}")
+        return self
+
+    def switch_base(self, name: str, base: Path) -> None:
+        if external_vllm():
+            super().switch_base(name, base)
+        restart_vllm(self.p, self, self.command(base), f"{name} on {base}")
+
+
+def ensure_vllm(p: Params, base: Path | None = None) -> AdapterServer:
+    """The configured vLLM with runtime LoRA; started on `base` (default `paths.base_model`)
+    when nothing answers there."""
+    return AdapterServer(p).start(base)
 
 
 class MergedServer:
@@ -219,25 +272,18 @@ class MergedServer:
             return []
         return [m["id"] for m in r.json()["data"] if not m.get("parent")]
 
-    def serve(self, name: str, adapter: Path) -> None:
-        """Restart vLLM on `adapter` merged into the base weights, served as `name` (nothing to
-        do when it already is)."""
+    def serve(self, name: str, adapter: Path, base: Path | None = None) -> None:
+        """Restart vLLM on `adapter` merged into its base weights (`base`, default
+        `paths.base_model`), served as `name` (nothing to do when it already is)."""
         from pipelines.model.merge import merged_model_dir
 
         if name in self.loaded():
             return
         if external_vllm():
             raise RuntimeError("merged serving restarts vLLM: unset SQLOPS_VLLM_URL")
-        model = merged_model_dir(self.p.path("base_model"), adapter, self.p.path("merged_models"))
-        cmd = self.command(model, name)
-        if stop_background("vllm", self.run_dir):
-            log.info("stopped vLLM to serve %s", name)
-        if self.admin.healthy():  # started by hand or by another checkout: not ours to stop
-            raise RuntimeError(f"a vLLM not started by sqlops answers at {self.root}; stop it")
-        pid = start_background("vllm", cmd, vllm_env(self.p), self.run_dir)
-        log.info("started vLLM on %s as %s (pid %d); waiting until healthy", model, name, pid)
-        log_file = self.run_dir / "vllm.log"
-        wait_healthy(self.admin, pid, self.p.serving.vllm_startup_timeout_s, log_file)
+        base = base or self.p.path("base_model")
+        model = merged_model_dir(base, adapter, self.p.path("merged_models"))
+        restart_vllm(self.p, self.admin, self.command(model, name), f"{name} ({model})")
 
     def unload(self, name: str) -> None:
         """Nothing to do: the process serves one model, and a restart dropped the old one."""
@@ -258,7 +304,8 @@ def serves_merged(p: Params) -> bool:
     return not cuda_visible() and not cpu_has_native_bf16()
 
 
-def model_server(p: Params) -> ModelServer:
-    """Where `deploy` puts a version: adapters loaded into a running vLLM (started here when
-    needed), or (`serving.merged`) a vLLM restarted on each version's merged weights."""
-    return MergedServer(p) if serves_merged(p) else ensure_vllm(p)
+def model_server(p: Params, base: Path | None = None) -> ModelServer:
+    """Where `deploy` puts a version: adapters loaded into a running vLLM (started here on
+    `base` when needed), or (`serving.merged`) a vLLM restarted on each version's merged
+    weights."""
+    return MergedServer(p) if serves_merged(p) else ensure_vllm(p, base)
