@@ -39,6 +39,9 @@ class Paths(_Block):
     monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
     feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
     feedback_quarantine: Path  # feedback labels the export refused, each with the rules it broke
+    teacher: Path  # verified teacher labels of doubtful traffic: teacher.jsonl + databases/
+    teacher_report: Path  # the last labelling run: picked, accepted, quarantined (and why), cost
+    teacher_cache: Path  # SQLite cache of the teacher's samples (kept across runs, never re-paid)
     merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
     served_adapters: Path  # local copies of registered adapters, one immutable folder per version
     routing: Path  # which version the gateway serves; written by `sqlops deploy`
@@ -80,7 +83,7 @@ class SynthConfig(_Block):
 
 class SourceConfig(_Block):
     model_config = ConfigDict(extra="allow", frozen=True)
-    type: Literal["synthetic", "jsonl", "spider", "feedback"]  # importer to use
+    type: Literal["synthetic", "jsonl", "spider", "feedback", "teacher"]  # importer to use
     path: Path | None = None  # where the source lives (synthetic: paths.synthetic)
 
 
@@ -135,16 +138,36 @@ class TrainConfig(_Block):
     quantization: Literal["none", "4bit"]  # 4bit: QLoRA, NF4 base weights (bitsandbytes + CUDA)
 
 
-class JudgeConfig(_Block):
-    model: str  # judge model name at the OpenAI-compatible endpoint
-    max_concurrency: int  # parallel judge requests
-    max_retries: int  # attempts per example before `judge_error`
+class ChatEndpointConfig(_Block):
+    """An OpenAI-compatible chat endpoint (URL and key from the environment): judge, teacher."""
+
+    model: str  # model name at the OpenAI-compatible endpoint
+    max_concurrency: int  # parallel requests
+    max_retries: int  # attempts per request before it counts as failed
     timeout_s: float  # per-request timeout
     rpm_limit: int | None  # requests per minute (None = no limit)
     tpm_limit: int | None  # tokens per minute (None = no limit)
     price_per_1k_in: float  # USD per 1k prompt tokens, for cost accounting
     price_per_1k_out: float  # USD per 1k completion tokens
+
+
+class JudgeConfig(ChatEndpointConfig):
     only_execution_failures: bool  # judge only what execution marks wrong (cheaper; no kappa)
+
+
+class TeacherConfig(ChatEndpointConfig):
+    endpoint: Literal["auto", "api", "local"]  # auto: the API when OPENAI_API_KEY or
+    # OPENAI_BASE_URL is set, else local (the served champion on vLLM: more samples, grammar)
+    samples: int  # answers per question from the API teacher (k)
+    local_samples: int  # answers per question from the local teacher (greedy + sampled)
+    temperature: float  # sampling temperature of the answers
+    max_tokens: int  # completion tokens per answer
+    min_agreement: float  # share of the k answers whose result must equal the label's
+    empty_agreement: float  # an empty result is a label only when this share of answers agree
+    max_labels: int  # questions sent to the teacher per run (oldest doubtful first)
+    max_cost_usd: float  # spend per run (teacher + judge); no request that could pass it is sent
+    pick_oov_rate: float  # picked: a question with a higher unknown-word rate (drift's OOV)
+    judge: bool  # also ask the judge (evaluate.judge, when an endpoint is set) to accept each label
 
 
 class BackendSpeed(_Block):
@@ -282,6 +305,7 @@ class Params(_Block):
     serving: ServingConfig
     monitoring: MonitoringConfig
     demo: DemoConfig
+    teacher: TeacherConfig
     vllm: VLLMConfig
     mlflow: MlflowConfig
 

@@ -310,6 +310,7 @@ class Verification:
 
     passed: dict[str, bool] = field(default_factory=dict)
     why: dict[str, str] = field(default_factory=dict)
+    rows: list[tuple] | None = None  # the result, when the query executed
 
     @property
     def failure(self) -> str | None:
@@ -384,6 +385,8 @@ def verify(
     v.passed["sql_executes"] = result.ok
     if not result.ok:
         v.why["sql_executes"] = result.error or ""
+    else:
+        v.rows = result.rows
     return v
 
 

@@ -3,7 +3,8 @@
 `with FakeOpenAI(Faults(rate_429=0.1)) as fake:` serves `POST /v1/chat/completions` with uvicorn
 in a background thread on a free port; `fake.base_url` is what `OPENAI_BASE_URL` should hold.
 The verdict is predictable: it parses the reference and generated SQL out of the judge prompt and
-answers "yes" iff they are equal after whitespace/case normalisation (and a trailing `;`).
+answers "yes" iff they are equal after whitespace/case normalisation (and a trailing `;`); a
+teacher prompt (the project's, ending in `### SQL:`) gets the answers listed for its question.
 Faults are drawn from a hash of (seed, prompt, how often the prompt was seen), so a run is
 reproducible whatever the concurrency, and every reply is recorded in `served` / `ok_by_prompt`.
 """
@@ -37,6 +38,7 @@ class Faults:
     retry_after_s: float = 0.0
     seed: int = 0
     fail_marker: str | None = None  # prompts containing it always get a 500 (exhaust retries)
+    slow_marker: str | None = None  # prompts containing it are always answered too late
     api_key: str | None = None  # when set, other keys get a 401 that echoes the key sent
 
 
@@ -57,8 +59,18 @@ def expected_verdict(gt_sql: str, gen_sql: str) -> bool:
 class FakeOpenAI:
     """The server, its fault plan (mutable between runs) and its record of what it served."""
 
-    def __init__(self, faults: Faults | None = None):
+    def __init__(
+        self,
+        faults: Faults | None = None,
+        teacher: dict[str, list[str]] | None = None,
+        reject_labels: set[str] = frozenset(),
+    ):
         self.faults = faults or Faults()
+        # A teacher prompt (`### SQL:` last, pipelines/model/prompt.py): question → its answers,
+        # the `n` choices cycling through them ("SELECT 1" for an unknown question).
+        self.teacher = teacher or {}
+        # A judge prompt without a reference (a teacher's label): "yes" unless the SQL is here.
+        self.reject_labels = {_norm(s) for s in reject_labels}
         self.served: Counter[str] = Counter()  # by outcome: ok, 429, 500, slow, malformed, 401
         self.ok_by_prompt: Counter[str] = Counter()  # verdicts actually delivered, per prompt
         self.requests_by_prompt: Counter[str] = Counter()
@@ -75,6 +87,8 @@ class FakeOpenAI:
         f = self.faults
         if f.fail_marker and f.fail_marker in prompt:
             return "500"
+        if f.slow_marker and f.slow_marker in prompt:
+            return "slow"
         seen = self.requests_by_prompt[prompt]
         digest = hashlib.sha256(f"{f.seed}:{seen}:{prompt}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2**64
@@ -108,15 +122,21 @@ class FakeOpenAI:
             if outcome == "slow":
                 await asyncio.sleep(self.faults.slow_s)  # the client has given up by now
             if outcome == "malformed":
-                content = MALFORMED_REPLIES[self.requests_by_prompt[prompt] % 3]
+                contents = [MALFORMED_REPLIES[self.requests_by_prompt[prompt] % 3]]
+            elif prompt.rstrip().endswith("### SQL:"):
+                answers = self.teacher.get(_section(prompt, "Question"), ["SELECT 1"])
+                contents = [answers[i % len(answers)] for i in range(body.get("n") or 1)]
             else:
-                same = expected_verdict(
-                    _section(prompt, SECTIONS[2]), _section(prompt, SECTIONS[3])
-                )
-                content = '{"resolve_yn": "%s"}' % ("yes" if same else "no")
-                if outcome == "ok":
-                    self.ok_by_prompt[prompt] += 1
-            return JSONResponse(_completion(body.get("model", ""), prompt, content))
+                if f"### {SECTIONS[2]}:" in prompt:
+                    same = expected_verdict(
+                        _section(prompt, SECTIONS[2]), _section(prompt, SECTIONS[3])
+                    )
+                else:
+                    same = _norm(_section(prompt, SECTIONS[3])) not in self.reject_labels
+                contents = ['{"resolve_yn": "%s"}' % ("yes" if same else "no")]
+            if outcome == "ok":
+                self.ok_by_prompt[prompt] += 1
+            return JSONResponse(_completion(body.get("model", ""), prompt, contents))
 
         return app
 
@@ -135,8 +155,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _completion(model: str, prompt: str, content: str) -> dict[str, Any]:
-    prompt_tokens, completion_tokens = len(prompt) // 4, len(content) // 4
+def _completion(model: str, prompt: str, contents: list[str]) -> dict[str, Any]:
+    prompt_tokens, completion_tokens = len(prompt) // 4, sum(len(c) for c in contents) // 4
     return {
         "id": f"chatcmpl-{hashlib.sha1(prompt.encode()).hexdigest()[:12]}",
         "object": "chat.completion",
@@ -144,11 +164,12 @@ def _completion(model: str, prompt: str, content: str) -> dict[str, Any]:
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": content},
                 "finish_reason": "stop",
                 "logprobs": None,
             }
+            for i, content in enumerate(contents)
         ],
         "usage": {
             "prompt_tokens": prompt_tokens,

@@ -54,8 +54,9 @@ def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
 
 
 def assign_split(records: list[dict], cfg: DataConfig, seed: int) -> None:
-    """Set `split` on every record, in place. Feedback from users always trains: it exists to
-    teach the model the traffic it gets wrong (the leakage guard still drops eval copies)."""
+    """Set `split` on every record, in place. Feedback from users and teacher labels always
+    train: they exist to teach the model the traffic it gets wrong (the leakage guard still
+    drops eval copies)."""
     selection = set(cfg.selection_domains)
     held_out = set(cfg.eval_domains) if cfg.split == "held_out_domain" else set()
     missing = (held_out | selection) - {r["domain"] for r in records}
@@ -66,7 +67,7 @@ def assign_split(records: list[dict], cfg: DataConfig, seed: int) -> None:
     n_eval = round(len(records) * cfg.eval_fraction) if cfg.split == "random" else 0
     eval_idx = set(order[:n_eval])
     for i, r in enumerate(records):
-        if r["source"] == "feedback":
+        if r["source"] in ("feedback", "teacher"):  # live traffic's labels
             r["split"] = "train"
         elif r["domain"] in selection:
             r["split"] = "selection"
@@ -154,6 +155,9 @@ def run(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
 def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
     records, databases = collect(cfg, synthetic_dir)
     n_imported = len(records)
+    # Any other source's label of a question wins over a teacher's (a person's correction
+    # above all): de-duplication keeps the first.
+    records.sort(key=lambda r: r["source"] == "teacher")
     records, exact, same_question = dedupe(records)
     # DDL from the schema where a source has none (Spider, synthetic without a ddl field).
     ddl_cache: dict[str, str] = {}

@@ -11,6 +11,8 @@ A source is one entry of `data.sources` in params.yaml:
 - `feedback`: the folder `pipelines.monitoring.feedback` writes (`feedback.jsonl` of verified
   corrections from the inference log + `databases/`), read like `jsonl`; absent or empty until
   feedback arrives, which gives no records (so the source can be listed before then).
+- `teacher`: the folder `pipelines.monitoring.teacher` writes (`teacher.jsonl` of verified teacher
+  labels of doubtful traffic + `databases/`), read like `feedback`.
 - `spider`: a Spider folder (`dev.json` and/or `train_spider.json`, `database/<db>/<db>.sqlite`).
   `tables.json` is not needed: the DDL is read from each SQLite file. A database that is missing
   (or is no SQLite file) is named in the log and its questions are skipped.
@@ -197,7 +199,7 @@ def load_jsonl(src: SourceConfig, synthetic_dir: Path) -> Imported:
                 "sql": sql,
                 "ddl": r.get("context") or r.get("ddl") or "",
                 "difficulty": r.get("difficulty") or difficulty_of(sql),
-                "source": src.type if src.type == "feedback" else path.stem,
+                "source": src.type if src.type in ("feedback", "teacher") else path.stem,
             }
         )
     missing = sorted(k for k, v in out.databases.items() if v is None)
@@ -271,21 +273,23 @@ def _is_sqlite(path: Path) -> bool:
 
 
 def load_feedback(src: SourceConfig, synthetic_dir: Path) -> Imported:
+    """A `feedback` or `teacher` folder: `<type>.jsonl` + `databases/`."""
     if src.path is None:
-        raise ValueError("a `feedback` source needs `path` (the feedback folder)")
+        raise ValueError(f"a `{src.type}` source needs `path` (the {src.type} folder)")
     root = resolve(src.path)
-    path = root if root.suffix in (".jsonl", ".csv") else root / "feedback.jsonl"
+    path = root if root.suffix in (".jsonl", ".csv") else root / f"{src.type}.jsonl"
     if not path.is_file():
-        log.info("feedback: no %s yet, no examples", path)
+        log.info("%s: no %s yet, no examples", src.type, path)
         return Imported()
     extra = {"databases": path.parent / "databases", **(src.model_extra or {})}
-    return load_jsonl(SourceConfig(type="feedback", path=path, **extra), synthetic_dir)
+    return load_jsonl(SourceConfig(type=src.type, path=path, **extra), synthetic_dir)
 
 
 IMPORTERS: dict[str, Callable[[SourceConfig, Path], Imported]] = {
     "synthetic": load_synthetic,
     "jsonl": load_jsonl,
     "feedback": load_feedback,
+    "teacher": load_feedback,  # the same folder layout (pipelines/monitoring/teacher.py)
     "spider": load_spider,
 }
 

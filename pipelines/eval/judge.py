@@ -2,13 +2,16 @@
 
 As in the seed book's GPT-4 judge, one system message carries the instruction, the DDL, the
 question, the reference SQL and the generated SQL; the model answers `{"resolve_yn": "yes"|"no"}`.
-The evaluate stage calls `judge(items, cfg, cache_path)`; the endpoint comes from the environment
+An empty reference asks whether the generated SQL answers the question on its own (the teacher's
+labels, pipelines/monitoring/teacher.py). The evaluate stage calls `judge(items, cfg,
+cache_path)`; the endpoint comes from the environment
 (`OPENAI_API_KEY`, `OPENAI_BASE_URL`) and, when neither is set, the judge is skipped with a notice.
 
 Requests run concurrently under a semaphore and optional requests/tokens-per-minute buckets, and
 are retried with jittered exponential backoff on rate limits, 5xx, timeouts, connection errors
 and malformed replies. Verdicts land in a SQLite cache as they arrive, so a rerun (or a run after
-an interruption) pays only for what is still missing.
+an interruption) pays only for what is still missing. `ChatCalls` (limits, retries, cost, an
+optional budget) serves any chat request: the teacher sends its own through it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any, Literal
 
 import openai
 
-from pipelines.config import JudgeConfig
+from pipelines.config import ChatEndpointConfig, JudgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,25 @@ MAX_RETRY_AFTER_S = 120.0  # a larger Retry-After is more likely a bug than advi
 FATAL_STATUS = {401, 403, 404}  # wrong key, no access, unknown model: no point in trying the rest
 
 
+# Without a reference (a teacher's label of live traffic): does the SQL answer the question?
+LABEL_INSTRUCTION = (
+    "You review a label for a Text2SQL training set. Given the database schema (DDL) and a "
+    "question, decide whether the generated SQL returns the information the question asks for. "
+    'Answer "yes" or "no". Reply with a JSON object that has exactly one key, '
+    f'"{RESOLVE_KEY}", whose value is "yes" or "no".'
+)
+
+
 def judge_prompt(ddl: str, question: str, gt_sql: str, gen_sql: str) -> str:
-    """The single system message sent for one example."""
-    parts = (ddl, question, gt_sql, gen_sql)
-    body = "\n\n".join(f"### {h}:\n{p.strip()}" for h, p in zip(SECTIONS, parts, strict=True))
-    return f"{INSTRUCTION}\n\n{body}\n"
+    """The single system message sent for one example; an empty `gt_sql` asks about the
+    generated SQL alone (no reference section)."""
+    parts = dict(zip(SECTIONS, (ddl, question, gt_sql, gen_sql), strict=True))
+    instruction = INSTRUCTION
+    if not gt_sql.strip():
+        del parts[SECTIONS[2]]
+        instruction = LABEL_INSTRUCTION
+    body = "\n\n".join(f"### {h}:\n{p.strip()}" for h, p in parts.items())
+    return f"{instruction}\n\n{body}\n"
 
 
 @dataclass
@@ -151,7 +169,7 @@ class TokenBucket:
                 await asyncio.sleep((amount - self.level) / self.rate)
 
 
-def _client_from_env(timeout_s: float) -> openai.AsyncOpenAI | None:
+def client_from_env(timeout_s: float) -> openai.AsyncOpenAI | None:
     key, base_url = os.environ.get("OPENAI_API_KEY"), os.environ.get("OPENAI_BASE_URL")
     if not key and not base_url:
         return None
@@ -171,31 +189,49 @@ def _retry_after(err: openai.APIStatusError) -> float | None:
     return None
 
 
-class _Judging:
-    """One run's shared state: client, limits, cache and counters."""
+class OverBudget(RuntimeError):
+    """The request could take the run past its cost budget: it is not sent."""
+
+
+class ChatCalls:
+    """One run's requests to an OpenAI-compatible chat endpoint: the concurrency and rate
+    limits, retries with jittered backoff, the abort on a fatal reply, the token counters and
+    the cost budget. The judge and the teacher (pipelines/monitoring/teacher.py) share it."""
 
     def __init__(
         self,
         client: Any,
-        cfg: JudgeConfig,
-        cache: VerdictCache,
+        cfg: ChatEndpointConfig,
         *,
-        rpm_limit: float | None,
-        tpm_limit: float | None,
         backoff_base_s: float,
         backoff_max_s: float,
         api_key: str | None,
+        completion_tokens: int = COMPLETION_TOKENS_ESTIMATE,
+        max_cost_usd: float | None = None,
+        what: str = "judge",
     ):
-        self.client, self.cfg, self.cache = client, cfg, cache
+        self.client, self.cfg, self.what = client, cfg, what
         self.sem = asyncio.Semaphore(max(1, cfg.max_concurrency))
-        self.rpm = TokenBucket(rpm_limit) if rpm_limit else None
-        self.tpm = TokenBucket(tpm_limit) if tpm_limit else None
+        self.rpm = TokenBucket(cfg.rpm_limit) if cfg.rpm_limit else None
+        self.tpm = TokenBucket(cfg.tpm_limit) if cfg.tpm_limit else None
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.completion_tokens_estimate = completion_tokens
+        self.max_cost_usd, self.reserved_usd, self.over_budget = max_cost_usd, 0.0, False
         # Placeholder keys of local servers ("EMPTY") are no secret and would garble messages.
         self.secrets = [s for s in (os.environ.get("OPENAI_API_KEY"), api_key) if s and len(s) > 7]
         self.resume_at = 0.0  # a 429 pauses every request until then
         self.fatal: str | None = None
         self.calls = self.unanswered = self.prompt_tokens = self.completion_tokens = 0
+
+    @property
+    def cost_usd(self) -> float:
+        """What the replies received so far cost, from their usage."""
+        return self._cost(self.prompt_tokens, self.completion_tokens)
+
+    def _cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        cfg = self.cfg
+        usd = prompt_tokens * cfg.price_per_1k_in + completion_tokens * cfg.price_per_1k_out
+        return usd / 1000
 
     def _backoff(self, attempt: int) -> float:
         d = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
@@ -206,40 +242,71 @@ class _Judging:
             text = text.replace(s, "***")
         return text[:300]
 
-    async def _request(self, prompt: str) -> bool:
+    def _reserve(self, prompt_tokens: float) -> float:
+        """The most this request may cost, held against the budget until its reply is counted;
+        raises OverBudget when it could pass the budget (and so does every later request)."""
+        most = self._cost(prompt_tokens, self.completion_tokens_estimate)
+        limit = self.max_cost_usd
+        if limit is not None and (
+            self.over_budget or self.cost_usd + self.reserved_usd + most > limit
+        ):
+            self.over_budget = True
+            raise OverBudget(f"{self.what} budget of ${limit:g} reached")
+        self.reserved_usd += most
+        return most
+
+    async def _request(
+        self, prompt: str, messages: list[dict], parse: Callable, store: Callable, request: dict
+    ) -> Any:
         """One HTTP request under the concurrency and rate limits; raises on any failure."""
         async with self.sem:
             if self.fatal:  # checked after the wait for a slot: the abort may be recent
                 raise Aborted(self.fatal)
             if (wait := self.resume_at - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            if self.rpm:
-                await self.rpm.take()
-            if self.tpm:
-                await self.tpm.take(len(prompt) / 3.5 + COMPLETION_TOKENS_ESTIMATE)  # no tiktoken
-            self.calls += 1
-            resp = await self.client.chat.completions.create(
-                model=self.cfg.model,
-                messages=[{"role": "system", "content": prompt}],
-                response_format={"type": "json_object"},
-                temperature=0,
-                timeout=self.cfg.timeout_s,
-            )
-        pt, ct = (resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else (0, 0)
-        self.prompt_tokens += pt
-        self.completion_tokens += ct
-        verdict = parse_verdict(resp.choices[0].message.content if resp.choices else None)
-        self.cache.put(VerdictCache.key(self.cfg.model, prompt), self.cfg.model, verdict, pt, ct)
-        return verdict
+            prompt_tokens = len(prompt) / 3.5  # no tiktoken
+            held = self._reserve(prompt_tokens)
+            try:
+                if self.rpm:
+                    await self.rpm.take()
+                if self.tpm:
+                    await self.tpm.take(prompt_tokens + self.completion_tokens_estimate)
+                self.calls += 1
+                resp = await self.client.chat.completions.create(
+                    model=self.cfg.model,
+                    messages=messages,
+                    timeout=self.cfg.timeout_s,
+                    **request,
+                )
+                usage = resp.usage
+                pt, ct = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+                self.prompt_tokens += pt
+                self.completion_tokens += ct
+            finally:
+                self.reserved_usd -= held
+        value = parse(resp)
+        store(value, pt, ct)
+        return value
 
-    async def verdict(self, prompt: str) -> tuple[bool | None, str | None]:
-        """(verdict, None) or, after the last attempt, (None, error)."""
+    async def call(
+        self,
+        prompt: str,
+        parse: Callable[[Any], Any],
+        store: Callable[[Any, int, int], None],
+        messages: list[dict] | None = None,
+        **request: Any,
+    ) -> tuple[Any, str | None]:
+        """(parse(reply), None), the reply stored with `store(value, prompt_tokens,
+        completion_tokens)` as it arrives; or, after the last attempt, (None, error). `prompt`
+        is sent as the system message unless `messages` are given; `request`: the API's other
+        fields (temperature, n, response_format, ...)."""
+        messages = messages or [{"role": "system", "content": prompt}]
         error = "not attempted"
         for attempt in range(1, max(1, self.cfg.max_retries) + 1):
             pause = self._backoff(attempt)
             try:
-                return await self._request(prompt), None
-            except Aborted as e:
+                return await self._request(prompt, messages, parse, store, request), None
+            except (Aborted, OverBudget) as e:
                 return None, str(e)
             except Malformed as e:
                 error = str(e)
@@ -251,13 +318,13 @@ class _Judging:
                     self.resume_at = max(self.resume_at, time.monotonic() + pause)
                 elif e.status_code not in RETRYABLE_STATUS and e.status_code < 500:
                     if e.status_code in FATAL_STATUS:
-                        self.fatal = f"judge aborted: {error}"
+                        self.fatal = f"{self.what} aborted: {error}"
                         log.error(self.fatal)
                     return None, error
             except openai.APIError as e:  # connection errors and timeouts, mostly
                 self.unanswered += isinstance(e, openai.APIConnectionError)  # timeouts included
                 error = self._redact(f"{type(e).__name__}: {e}")
-            log.debug("judge attempt %d failed: %s", attempt, error)
+            log.debug("%s attempt %d failed: %s", self.what, attempt, error)
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(pause)
         return None, error
@@ -270,10 +337,12 @@ async def judge_async(
     client: Any | None = None,
     backoff_base_s: float = 1.0,
     backoff_max_s: float = 60.0,
+    max_cost_usd: float | None = None,
 ) -> JudgeReport:
-    """`judge` for callers that already run an event loop."""
+    """`judge` for callers that already run an event loop; with `max_cost_usd`, no request
+    that could take the run's cost past it is sent (its example gets an error)."""
     owned = client is None
-    client = _client_from_env(cfg.timeout_s) if owned else client
+    client = client_from_env(cfg.timeout_s) if owned else client
     if client is None:
         notice = "LLM judge skipped: set OPENAI_API_KEY and/or OPENAI_BASE_URL to enable it"
         log.warning(notice)
@@ -296,19 +365,25 @@ async def judge_async(
         "judge %s: %d examples, %d cached, %d to ask", cfg.model, len(items), cached, len(todo)
     )
     api_key = getattr(client, "api_key", None)
-    run = _Judging(
+    run = ChatCalls(
         client,
         cfg,
-        cache,
-        rpm_limit=cfg.rpm_limit,
-        tpm_limit=cfg.tpm_limit,
         backoff_base_s=backoff_base_s,
         backoff_max_s=backoff_max_s,
         api_key=api_key if isinstance(api_key, str) else None,
+        max_cost_usd=max_cost_usd,
     )
 
+    def verdict_of(resp: Any) -> bool:
+        return parse_verdict(resp.choices[0].message.content if resp.choices else None)
+
     async def one(key: str, prompt: str) -> None:
-        results[key] = await run.verdict(prompt)
+        def store(verdict: bool, pt: int, ct: int) -> None:
+            cache.put(key, cfg.model, verdict, pt, ct)
+
+        results[key] = await run.call(
+            prompt, verdict_of, store, response_format={"type": "json_object"}, temperature=0
+        )
 
     try:
         await asyncio.gather(*(one(k, p) for k, p in todo.items()))
@@ -319,11 +394,7 @@ async def judge_async(
 
     report = JudgeReport("ok", cfg.model, calls=run.calls, unanswered=run.unanswered, cached=cached)
     report.prompt_tokens, report.completion_tokens = run.prompt_tokens, run.completion_tokens
-    report.cost_usd = round(
-        (run.prompt_tokens * cfg.price_per_1k_in + run.completion_tokens * cfg.price_per_1k_out)
-        / 1000,
-        6,
-    )
+    report.cost_usd = round(run.cost_usd, 6)
     for item_id, key in key_of.items():
         verdict, error = results[key]
         report.verdicts[item_id] = verdict

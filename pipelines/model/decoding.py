@@ -96,13 +96,14 @@ class Choice:
     n_candidates: int
     n_executed: int | None  # candidates that ran (None: one candidate, nothing executed)
     fallback: bool  # several candidates and none ran: the best-scoring one is returned
+    n_agree: int | None = None  # candidates whose result equals the answer's (None: one candidate)
 
 
 def _score(c: Candidate) -> float:
     return c.logprob if c.logprob is not None else float("-inf")
 
 
-def _result_key(rows: list[tuple]) -> tuple:
+def result_key(rows: list[tuple]) -> tuple:
     """A result set as a multiset of rows: order ignored, numbers compared by rounded value
     (SUM's 2 and AVG's 2.0 are one answer)."""
 
@@ -122,7 +123,7 @@ def _runs(sql: str, db_path: Path, schema: dict, timeout_s: float) -> tuple | No
     except (sqlglot.errors.ParseError, UnsafeSQL):
         return None
     res = execute(db_path, sql, timeout_s)
-    return _result_key(res.rows) if res.ok else None
+    return result_key(res.rows) if res.ok else None
 
 
 def choose(
@@ -140,7 +141,7 @@ def choose(
     ok = [(i, c) for i, c in enumerate(candidates) if results[c.sql] is not None]
     if not ok:
         best = max(candidates, key=_score)
-        return Choice(best.sql, best.text, len(candidates), 0, True)
+        return Choice(best.sql, best.text, len(candidates), 0, True, 0)
     if cfg.selection == "first":
         best = ok[0][1]
     elif cfg.selection == "score":
@@ -151,4 +152,5 @@ def choose(
             groups.setdefault(results[c.sql], []).append(c)
         top = max(groups.values(), key=lambda g: (len(g), max(_score(c) for c in g)))
         best = max(top, key=_score)
-    return Choice(best.sql, best.text, len(candidates), len(ok), False)
+    agree = sum(results[c.sql] == results[best.sql] for _, c in ok)
+    return Choice(best.sql, best.text, len(candidates), len(ok), False, agree)

@@ -141,7 +141,7 @@ def export(
             refused.append((record, failed, {k: v for k, v in why.items() if v}))
         else:
             records.append(record)
-    _write(out_dir, databases, records, sorted({r["db_id"] for r in records}))
+    write_source(out_dir, databases, records, sorted({r["db_id"] for r in records}))
     rejected: Counter[str] = Counter(rule for _, failed, _ in refused for rule in failed)
     result.quarantine = [
         {"request_id": rec["id"].removeprefix("feedback-"), "db_id": rec["db_id"],
@@ -161,17 +161,24 @@ def export(
     return result
 
 
-def _write(out_dir: Path, databases: Path, records: list[dict], db_ids: list[str]) -> None:
-    """New databases first, then the JSONL naming them, then unused databases go: every moment,
-    each record of the current feedback.jsonl has its database. The folder itself (and its
-    git-tracked README) stays."""
+def write_source(
+    out_dir: Path,
+    databases: Path,
+    records: list[dict],
+    db_ids: list[str],
+    name: str = "feedback.jsonl",
+    fields: tuple[str, ...] = FIELDS,
+) -> None:
+    """New databases first, then the JSONL `name` naming them (each record's `fields`), then
+    unused databases go: every moment, each record of the current JSONL has its database. The
+    folder itself (and its git-tracked README) stays. The teacher source is written so too."""
     db_out = out_dir / "databases"
     db_out.mkdir(parents=True, exist_ok=True)
     for db_id in db_ids:
         copy_file(databases / f"{db_id}.sqlite", db_out / f"{db_id}.sqlite")
-    tmp = aside(out_dir / "feedback.jsonl")
-    write_jsonl(tmp, ({k: r[k] for k in FIELDS} for r in records))
-    os.replace(tmp, out_dir / "feedback.jsonl")
+    tmp = aside(out_dir / name)
+    write_jsonl(tmp, ({k: r[k] for k in fields} for r in records))
+    os.replace(tmp, out_dir / name)
     keep = {f"{d}.sqlite" for d in db_ids}
     for path in db_out.iterdir():
         if path.name not in keep:
@@ -191,19 +198,25 @@ def _write_quarantine(path: Path, result: FeedbackExport) -> None:
     os.replace(tmp, path)
 
 
-def export_logged(p: Params) -> FeedbackExport:
-    """`export` of the whole inference log into `paths.feedback`, each record's domain read from
-    the prepared data (the monitoring flow and `python -m pipelines.monitoring.feedback`)."""
+def prepared_domains(prepared: Path) -> dict[str, str]:
+    """db_id → domain, as the prepared data names them."""
     from pipelines.data.records import read_jsonl
-    from pipelines.serving.inference_log import InferenceLog
 
-    prepared = p.path("prepared")
-    domains = {
+    return {
         r["db_id"]: r["domain"]
         for split in ("train", "eval")
         if (prepared / f"{split}.jsonl").is_file()
         for r in read_jsonl(prepared / f"{split}.jsonl")
     }
+
+
+def export_logged(p: Params) -> FeedbackExport:
+    """`export` of the whole inference log into `paths.feedback`, each record's domain read from
+    the prepared data (the monitoring flow and `python -m pipelines.monitoring.feedback`)."""
+    from pipelines.serving.inference_log import InferenceLog
+
+    prepared = p.path("prepared")
+    domains = prepared_domains(prepared)
     rules = p.validate_.model_copy(update={"sql_timeout_s": p.monitoring.feedback_sql_timeout_s})
     return export(
         InferenceLog(p.serving.inference_log_url).window(),

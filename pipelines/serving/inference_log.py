@@ -49,6 +49,10 @@ requests = sa.Table(
     # for the gate; never shown to a user, left out of windows (drift, figures) by default.
     sa.Column("shadow", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Column("feedback_by", sa.String(32)),  # API-key id of who gave the feedback (not the key)
+    # The decoding's doubts (n > 1): no candidate executed (the best-scoring one was answered),
+    # and the share of candidates whose result equals the answer's. The teacher picks on both.
+    sa.Column("fallback", sa.Boolean),
+    sa.Column("agreement", sa.Float),
 )
 
 COLUMNS = [c.name for c in requests.columns]

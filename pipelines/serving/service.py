@@ -243,6 +243,9 @@ class Text2SQL:
             sql = choice.sql
             chosen = {"candidates": choice.n_candidates, "candidates_executed": choice.n_executed}
             chosen["fallback"] = choice.fallback  # several candidates, none ran: best-scoring
+            row["fallback"] = choice.fallback  # the log keeps the decoding's doubts (teacher)
+            if choice.n_agree is not None:
+                row["agreement"] = choice.n_agree / choice.n_candidates
             if choice.fallback:
                 log.warning(
                     "no candidate of %d executed for %s: answering the best-scoring one",
