@@ -16,6 +16,8 @@ import re
 import sqlglot
 from sqlglot import exp
 
+from pipelines.data.schema_fit import schema_key
+
 _CREATE = re.compile(r"CREATE TABLE\s+\"?(\w+)\"?\s*\((.*?)\);", re.S | re.I)
 _CONSTRAINT = ("PRIMARY", "FOREIGN", "UNIQUE", "CHECK", "CONSTRAINT")
 _KEYWORDS = {k.upper() for k in sqlglot.tokens.Tokenizer.KEYWORDS} | {"ORDER", "GROUP", "INDEX"}
@@ -143,11 +145,12 @@ def augment(
         if rng.random() >= share:
             out.append(r)
             continue
-        if r["ddl"] not in renamings:
-            renamings[r["ddl"]] = [
-                rename_map(r["ddl"], rng, p_table, p_column) for _ in range(variants)
+        schema = schema_key(r["ddl"])  # one set of renamings per schema, linked values or not
+        if schema not in renamings:
+            renamings[schema] = [
+                rename_map(schema, rng, p_table, p_column) for _ in range(variants)
             ]
-        mapping = rng.choice(renamings[r["ddl"]])
+        mapping = rng.choice(renamings[schema])
         try:
             sql = rename_sql(r["sql"], mapping)
         except sqlglot.errors.SqlglotError:

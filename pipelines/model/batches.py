@@ -19,6 +19,7 @@ import torch
 from pipelines.config import TrainConfig
 from pipelines.data.augment import augment
 from pipelines.data.records import read_jsonl
+from pipelines.data.schema_fit import schema_key
 from pipelines.model.prompt import build_completion, build_prompt
 
 if TYPE_CHECKING:
@@ -156,12 +157,12 @@ def prepare_examples(
     if not examples:
         raise ValueError(f"no training examples fit max_length={cfg.max_length}")
     dev, _, dev_kept = tokenize(dev_records, tok, cfg.max_length)
-    groups = [r["ddl"] for r in kept]  # one DDL per batch: its prefix is run once
+    groups = [schema_key(r["ddl"]) for r in kept]  # one schema per batch: its prefix runs once
     n_micro = cfg.max_steps * cfg.grad_accum
     return TrainData(
         examples=examples,
         dropped=dropped,
         dev=dev,
-        dev_batches=group_batches([r["ddl"] for r in dev_kept], cfg.batch_size),
+        dev_batches=group_batches([schema_key(r["ddl"]) for r in dev_kept], cfg.batch_size),
         schedule=batch_schedule(groups, cfg.batch_size, n_micro, seed),
     )

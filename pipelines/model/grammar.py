@@ -10,8 +10,12 @@ so the grammar enumerates the FROM clauses a query can have instead, one *scope*
   it (`FROM a AS x JOIN b AS y ON x.k = y.k`): the ON condition is one of the foreign keys
   between the joined table and an earlier one, never any two columns (`ON m.played_at =
   p.player_id` cannot be written); columns only `alias.column` with the alias of the table
-  that has the column. Aliases are derived from the table names by the synthetic data's
-  own rule (`join_aliases`: initials first, then growing prefixes), so a scope fixes them.
+  that has the column. Where a pair of tables declares no key, the keys `db_schema.
+  inferred_joins` finds (same key-like names, `x_id` conventions, value overlap) count as
+  foreign keys, the ones the prompt's DDL lists as `-- join (inferred): ...`; two columns
+  that merely share a name (`name`, `year`) are never an ON condition. Aliases are derived
+  from the table names by the synthetic data's own rule (`join_aliases`: initials first, then
+  growing prefixes), so a scope fixes them.
 
 A SELECT picks its scope at its first token; its select list, WHERE, GROUP BY, HAVING and
 ORDER BY can then only name columns of the scope's tables under their own aliases, and a
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import DecodingConfig
+from pipelines.db_schema import inferred_joins
 from pipelines.sql import connect_readonly
 
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,27 +49,31 @@ class Schema:
     keys: frozenset[
         tuple[str, str, str, str]
     ]  # foreign keys: (table, column, ref table, ref column)
+    inferred: frozenset[tuple[str, str, str, str]] = frozenset()  # undeclared keys, same form
 
     @property
     def links(self) -> frozenset[tuple[str, str]]:
-        """Tables linked by a foreign key, as unordered (sorted) pairs."""
-        return frozenset(tuple(sorted((t, r))) for t, _, r, _ in self.keys)
+        """Tables linked by a foreign key (declared or inferred), as unordered (sorted) pairs."""
+        return frozenset(tuple(sorted((t, r))) for t, _, r, _ in self.keys | self.inferred)
 
     def key_columns(self, a: str, b: str) -> list[tuple[str, str]]:
         """The (column of a, column of b) pairs of the foreign keys between tables a and b."""
-        pairs = [(c, rc) for t, c, r, rc in self.keys if (t, r) == (a, b)]
-        return pairs + [(rc, c) for t, c, r, rc in self.keys if (t, r) == (b, a)]
+        keys = sorted(self.keys | self.inferred)
+        pairs = [(c, rc) for t, c, r, rc in keys if (t, r) == (a, b)]
+        return pairs + [(rc, c) for t, c, r, rc in keys if (t, r) == (b, a)]
 
     @property
     def digest(self) -> str:
         text = repr(sorted(self.tables.items())) + repr(sorted(self.keys))
+        text += repr(sorted(self.inferred))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_schema(db_path: Path | str) -> Schema:
-    """Tables, columns (case kept: the grammar writes them as the DDL does) and foreign keys
+    """Tables, columns (case kept: the grammar writes them as the DDL does), foreign keys
     (single-column ones, each column pair of a composite key on its own; a key that names no
-    column refers to the referenced table's primary key)."""
+    column refers to the referenced table's primary key) and the keys inferred where a pair of
+    tables declares none."""
     with closing(connect_readonly(db_path)) as conn:
         names = [
             r[0]
@@ -86,7 +95,8 @@ def read_schema(db_path: Path | str) -> Schema:
                 ref_col = ref_col and _spelled(ref_col, tables[ref])
                 if col and ref_col:
                     keys.add((t, col, ref, ref_col))
-    return Schema(tables, frozenset(keys))
+    inferred = {(j.table, j.column, j.ref_table, j.ref_column) for j in inferred_joins(db_path)}
+    return Schema(tables, frozenset(keys), frozenset(inferred))
 
 
 def _spelled(name: str, columns: tuple[str, ...]) -> str | None:
