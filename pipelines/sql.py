@@ -292,6 +292,38 @@ def missing_refs(tree: exp.Expression, schema: dict[str, list[str]]) -> list[str
     return list(dict.fromkeys(missing))
 
 
+def single_quote_strings(sql: str, schema: dict[str, list[str]]) -> str:
+    """`sql` with each double-quoted token that SQLite reads as a string literal written in
+    single quotes (the canonical form), the rest of the text as it was.
+
+    SQLite takes `"x"` for the column x when one of the query's tables has it and for the
+    string 'x' otherwise; Spider and many query logs rely on that (`WHERE name = "Bob"`), which
+    `missing_refs` would report as a missing column. Qualified names (`t."x"`) stay identifiers.
+    SQL that does not parse is returned unchanged (the contract then names its problem)."""
+    try:
+        tree = parse(sql)
+    except (sqlglot.errors.ParseError, UnsafeSQL):
+        return sql
+    tables = {t.name.lower() for t in tree.find_all(exp.Table)}
+    known = {c for t in tables for c in schema.get(t, [])} | _ROWID
+    known |= {a.alias.lower() for a in tree.find_all(exp.Alias)}
+    known |= {c.name.lower() for ta in tree.find_all(exp.TableAlias) for c in ta.columns}
+    spans = []
+    for col in tree.find_all(exp.Column):
+        ident = col.this
+        if col.table or not isinstance(ident, exp.Identifier) or not ident.quoted:
+            continue
+        start, end = ident.meta.get("start"), ident.meta.get("end")
+        if ident.name.lower() in known or start is None or end is None:
+            continue
+        if sql[start] == sql[end] == '"':  # the token's own text (not a [x] or `x` identifier)
+            spans.append((start, end, ident.name))
+    for start, end, value in sorted(spans, reverse=True):
+        literal = "'" + value.replace("'", "''") + "'"
+        sql = sql[:start] + literal + sql[end + 1 :]
+    return sql
+
+
 # The checks `verify` runs, in the order they depend on each other, and what each demands.
 CHECKS = {
     "sql_parses": "the SQL parses",

@@ -1,9 +1,13 @@
 """The `prepare` stage: every source → canonical train/eval records + their databases.
 
-Steps: import each source in `data.sources` (see `sources.py`), fill missing DDL from the SQLite
-schema, drop exact and normalised-question duplicates, split (held-out domains or a seeded random
-share), then drop from train anything whose question or SQL also appears in eval (leakage).
-Writes `train.jsonl`, `eval.jsonl`, `databases/<db_id>.sqlite` and `stats.json` into a folder
+Steps: import each source in `data.sources` (see `sources.py`; a source's `max_examples` keeps a
+seeded sample of it), fill missing DDL from the SQLite schema, drop exact and normalised-question
+duplicates, split (held-out domains or a seeded random share), then drop from train anything
+whose question or SQL also appears in a held-out split (leakage). The real-schema benchmarks
+(`data.real_schema`) become `real_schema.jsonl`: a held-out split no source may share a database
+with (such records are dropped, whatever their split), scored by `evaluate`, never trained on.
+Writes `train.jsonl`, `eval.jsonl`, `selection.jsonl`, `real_schema.jsonl`,
+`databases/<db_id>.sqlite` and `stats.json` into a folder
 beside the prepared one, then swaps it in (one atomic exchange on Linux): a gateway reading the
 databases meanwhile sees the old set or the new one, never an empty or half-copied folder, and
 nothing from an earlier run survives.
@@ -17,20 +21,26 @@ import filecmp
 import json
 import logging
 import random
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
+from sqlglot import exp
+
 from pipelines.config import DataConfig, load_params, setup_entry_point
 from pipelines.data import sources
 from pipelines.data.atomic import aside, replace_dir
-from pipelines.data.records import FIELDS, question_key, write_jsonl
+from pipelines.data.records import FIELDS, question_key, sample_records, write_jsonl
 from pipelines.data.schema_fit import fit_schema
 from pipelines.db_schema import ddl_of
-from pipelines.sql import normalize
+from pipelines.sql import normalize, parse
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "eval", "selection")  # selection.jsonl is empty without selection_domains
+# selection.jsonl is empty without selection_domains, real_schema.jsonl without data.real_schema
+SPLITS = ("train", "eval", "selection", "real_schema")
+_BUDGET = "_max_ddl_chars"  # a record's schema budget, from its source (never written out)
+
 
 
 def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
@@ -108,12 +118,23 @@ def install_databases(records: list[dict], databases: dict[str, Path | None], db
             shutil.copyfile(src, target)
 
 
-def collect(cfg: DataConfig, synthetic_dir: Path) -> tuple[list[dict], dict[str, Path | None]]:
-    """All sources' records, in source order, and one database per db_id."""
+def collect(
+    cfg: DataConfig, synthetic_dir: Path, seed: int, real_schema: bool = False
+) -> tuple[list[dict], dict[str, Path | None]]:
+    """All sources' records (of `data.sources`, or of `data.real_schema`), in source order, at
+    most `max_examples` of each (a seeded sample; 0: the source is not read), and one database
+    per db_id."""
     records: list[dict] = []
     databases: dict[str, Path | None] = {}
-    for src in cfg.sources:
+    for src in cfg.real_schema if real_schema else cfg.sources:
+        if src.max_examples == 0:
+            log.info("source %s %s: max_examples 0, not read", src.type, src.path or "")
+            continue
         imported = sources.load(src, synthetic_dir)
+        if src.max_examples is not None:
+            imported.records = sample_records(imported.records, src.max_examples, seed)
+        for r in imported.records:
+            r[_BUDGET] = src.max_ddl_chars or cfg.max_ddl_chars
         for db_id, path in imported.databases.items():
             prev = databases.get(db_id)
             # Two sources may share a db_id only if they mean the same database.
@@ -152,24 +173,71 @@ def run(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
     return stats
 
 
+# The table a CREATE TABLE names: "x", `x`, [x] or a bare word.
+_CREATE = re.compile(
+    r'CREATE TABLE\s+(?:IF NOT EXISTS\s+)?(?:"([^"]+)"|`([^`]+)`|\[([^\]]+)\]|(\w+))', re.IGNORECASE
+)
+
+
+def schema_cut(ddl: str, sql: str) -> bool:
+    """Whether a DDL lacks a table the SQL reads: a fitted schema whose budget cut the table a
+    training example needs teaches the model to write tables its prompt does not show."""
+    try:
+        tree = parse(sql)
+    except Exception:  # the data contract names SQL that does not parse
+        return False
+    shown = {"".join(m).lower() for m in _CREATE.findall(ddl)}
+    shown |= {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
+    tables = [t for t in tree.find_all(exp.Table) if isinstance(t.this, exp.Identifier)]
+    return any(t.name.lower() not in shown for t in tables)
+
+
+def drop_real_schema_databases(
+    records: list[dict], real: list[dict], real_dbs: dict[str, Path | None]
+) -> tuple[list[dict], int]:
+    """Drop the records of a database that a real-schema benchmark uses: a model trained on (or
+    selected by) its schema or its questions no longer measures real schemas it has not seen."""
+    held = set(real_dbs) | {r["db_id"] for r in real}
+    kept = [r for r in records if r["db_id"] not in held]
+    if len(kept) < len(records):
+        log.warning(
+            "dropped %d examples over the real-schema set's databases (%s)",
+            len(records) - len(kept),
+            ", ".join(sorted({r["db_id"] for r in records} & held)),
+        )
+    return kept, len(records) - len(kept)
+
+
 def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> dict:
-    records, databases = collect(cfg, synthetic_dir)
+    records, databases = collect(cfg, synthetic_dir, seed)
+    real, real_dbs = collect(cfg, synthetic_dir, seed, real_schema=True)
     n_imported = len(records)
     # Any other source's label of a question wins over a teacher's (a person's correction
     # above all): de-duplication keeps the first.
     records.sort(key=lambda r: r["source"] == "teacher")
     records, exact, same_question = dedupe(records)
+    records, real_db = drop_real_schema_databases(records, real, real_dbs)
+    real, _, _ = dedupe(real)
+    databases = {k: v for k, v in databases.items() if k not in real_dbs} | real_dbs
     # DDL from the schema where a source has none (Spider, synthetic without a ddl field).
     ddl_cache: dict[str, str] = {}
-    for r in records:
+    for r in [*records, *real]:
         if not r["ddl"] and databases.get(r["db_id"]) is not None:
             if r["db_id"] not in ddl_cache:
                 ddl_cache[r["db_id"]] = ddl_of(databases[r["db_id"]], cfg.sample_values)
             r["ddl"] = ddl_cache[r["db_id"]]
-    for r in records:  # a schema too long for a prompt keeps what the question needs
-        r["ddl"] = fit_schema(r["ddl"], r["question"], cfg.max_ddl_chars)
+    cut: set[int] = set()  # records whose fitted schema lost a table their SQL reads
+    for r in [*records, *real]:  # a schema too long for a prompt keeps what the question needs
+        fitted = fit_schema(r["ddl"], r["question"], r[_BUDGET])
+        if fitted != r["ddl"] and schema_cut(fitted, r["sql"]):
+            cut.add(id(r))
+        r["ddl"] = fitted
     assign_split(records, cfg, seed)
-    records, leaked = drop_leakage(records)
+    n = len(records)
+    records = [r for r in records if r["split"] != "train" or id(r) not in cut]
+    schema_cut_n = n - len(records)
+    records += [r | {"split": "real_schema"} for r in real]
+    records, leaked = drop_leakage(records)  # the real-schema split is held out too
     if not {"train", "eval"} <= {r["split"] for r in records}:
         raise ValueError(
             f"split {cfg.split!r} left an empty train or eval set "
@@ -182,7 +250,13 @@ def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> di
             out_dir / f"{split}.jsonl",
             ({k: r[k] for k in FIELDS} for r in records if r["split"] == split),
         )
-    removed = {"duplicates_exact": exact, "duplicates_question": same_question, "leakage": leaked}
+    removed = {
+        "duplicates_exact": exact,
+        "duplicates_question": same_question,
+        "leakage": leaked,
+        "real_schema_databases": real_db,
+        "schema_cut": schema_cut_n,  # train examples whose schema budget cut a table they read
+    }
     stats = {"n_imported": n_imported, **stats_of(records, removed)}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return stats

@@ -15,7 +15,12 @@ A source is one entry of `data.sources` in params.yaml:
   labels of doubtful traffic + `databases/`), read like `feedback`.
 - `spider`: a Spider folder (`dev.json` and/or `train_spider.json`, `database/<db>/<db>.sqlite`).
   `tables.json` is not needed: the DDL is read from each SQLite file. A database that is missing
-  (or is no SQLite file) is named in the log and its questions are skipped.
+  (or is no SQLite file) is named in the log and its questions are skipped. The SQL is read as
+  SQLite reads it: a double-quoted token that names no column of the query's tables is a string
+  and is stored in single quotes (`sql.single_quote_strings`), so Spider's `name = "Bob"` meets
+  the data contract unedited. `synonyms: true` adds each question's Spider-Syn phrasing
+  (`question_synonyms`, where it differs) as a second example (source `spider-syn`).
+
 
 A record whose db_id breaks the one db_id rule (`records.valid_db_id`: it names a file) is
 dropped by name whatever the source, before any path is built from it.
@@ -39,7 +44,8 @@ from sqlglot import exp
 
 from pipelines.config import SourceConfig, resolve
 from pipelines.data.records import detect_lang, read_jsonl, valid_db_id
-from pipelines.sql import parse
+from pipelines.db_schema import schema_of
+from pipelines.sql import parse, single_quote_strings
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +227,7 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
     if not files:
         raise FileNotFoundError(f"no train_spider.json or dev.json in {root}")
     out, missing, unsafe = Imported(), {}, set()
+    schemas: dict[str, dict[str, list[str]]] = {}
     for f in files:
         for i, r in enumerate(json.loads(f.read_text(encoding="utf-8"))):
             if not valid_db_id(r["db_id"]):
@@ -231,19 +238,25 @@ def load_spider(src: SourceConfig, synthetic_dir: Path) -> Imported:
                 missing.setdefault(r["db_id"], []).append(f"{f.stem}[{i}]")
                 continue
             out.databases[r["db_id"]] = db
-            out.records.append(
-                {
-                    "id": f"spider-{f.stem}-{i:05d}",
-                    "db_id": r["db_id"],
-                    "domain": r["db_id"],
-                    "lang": detect_lang(r["question"]),
-                    "question": r["question"],
-                    "sql": r["query"],
-                    "ddl": "",
-                    "difficulty": difficulty_of(r["query"]),
-                    "source": "spider",
-                }
-            )
+            if r["db_id"] not in schemas:
+                schemas[r["db_id"]] = schema_of(db)
+            sql = single_quote_strings(r["query"], schemas[r["db_id"]])
+            record = {
+                "id": f"spider-{f.stem}-{i:05d}",
+                "db_id": r["db_id"],
+                "domain": r["db_id"],
+                "lang": detect_lang(r["question"]),
+                "question": r["question"],
+                "sql": sql,
+                "ddl": "",
+                "difficulty": difficulty_of(sql),
+                "source": "spider",
+            }
+            out.records.append(record)
+            synonym = (r.get("question_synonyms") or "").strip()
+            if src.synonyms and synonym and synonym != r["question"].strip():
+                syn = {"id": f"{record['id']}-syn", "question": synonym, "source": "spider-syn"}
+                out.records.append(record | syn)
     for db_id, questions in sorted(missing.items()):
         log.warning(
             "spider: database %s is missing (no SQLite file at database/%s/%s.sqlite); "

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval", "selection")
+SPLITS = ("train", "eval", "selection", "real_schema")  # real_schema: held out like eval
 N_EXAMPLES = 5  # example rows per failing rule in summary.json and the error message
 # Computed checks (boolean columns, each with a `<name>_why` detail column) in the order they
 # depend on each other, and what each demands.

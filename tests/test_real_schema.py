@@ -1,0 +1,87 @@
+"""The real-schema set (KaggleDBQA's three databases, data.real_schema): prepared into its own
+split with its databases, held to the data contract, and never reaching training, even when a
+source brings its databases or its questions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ROOT, SourceConfig, load_params
+from pipelines.data import prepare
+from pipelines.data.records import question_key, read_jsonl
+from pipelines.sql import normalize
+from tests.conftest import make_db
+from tests.test_prepare import _cfg, _synthetic
+
+KAGGLEDBQA = ROOT / load_params().paths.real_schema
+REAL_DBS = {"GeoNuclearData", "GreaterManchesterCrime", "StudentMathScore"}
+
+
+def _leaky_source(root: Path) -> SourceConfig:
+    """A Spider folder that reuses a real-schema database and a real-schema question."""
+    dev = json.loads((KAGGLEDBQA / "dev.json").read_text())
+    geo = next(r for r in dev if r["db_id"] == "GeoNuclearData")
+    (root / "database" / "GeoNuclearData").mkdir(parents=True)
+    shutil.copy(
+        KAGGLEDBQA / "database" / "GeoNuclearData" / "GeoNuclearData.sqlite",
+        root / "database" / "GeoNuclearData" / "GeoNuclearData.sqlite",
+    )
+    make_db(
+        root / "database" / "concert" / "concert.sqlite",
+        "CREATE TABLE singer (singer_id INTEGER PRIMARY KEY, name TEXT, country TEXT);",
+        ["INSERT INTO singer VALUES (1, 'A', 'France')"],
+    )
+    rows = [
+        geo,  # the real-schema question itself, on its database
+        {"db_id": "GeoNuclearData", "question": "How many plants are listed?",
+         "query": "SELECT count(*) FROM nuclear_power_plants"},
+        {"db_id": "concert", "question": dev[0]["question"], "query": "SELECT name FROM singer"},
+        {"db_id": "concert", "question": "How many singers are there?",
+         "query": "SELECT count(*) FROM singer"},
+    ]  # fmt: skip
+    (root / "train_spider.json").write_text(json.dumps(rows))
+    return SourceConfig(type="spider", path=root)
+
+
+def _prepare(tmp_path: Path) -> tuple[Path, dict]:
+    real = [SourceConfig(type="spider", path=KAGGLEDBQA)]
+    cfg = _cfg(SourceConfig(type="synthetic"), _leaky_source(tmp_path / "leaky"), real_schema=real)
+    out = tmp_path / "out"
+    return out, prepare.run(cfg, 42, _synthetic(tmp_path / "syn"), out)
+
+
+def test_real_schema_split_never_reaches_training(tmp_path: Path) -> None:
+    out, stats = _prepare(tmp_path)
+    real = read_jsonl(out / "real_schema.jsonl")
+    assert len(real) == stats["n"]["real_schema"] == 59
+    assert {r["db_id"] for r in real} == REAL_DBS and {r["split"] for r in real} == {"real_schema"}
+    assert all(r["ddl"].startswith("CREATE TABLE") and r["lang"] == "en" for r in real)
+    assert {f"{d}.sqlite" for d in REAL_DBS} <= {p.name for p in (out / "databases").iterdir()}
+    # Spider's double-quoted strings are stored canonically: 'France', not "France"
+    assert not any('"France"' in r["sql"] for r in real) and any(
+        "'France'" in r["sql"] for r in real
+    )
+
+    others = [r for s in ("train", "eval", "selection") for r in read_jsonl(out / f"{s}.jsonl")]
+    assert {r["db_id"] for r in others}.isdisjoint(REAL_DBS)
+    assert {question_key(r["question"]) for r in others}.isdisjoint(
+        question_key(r["question"]) for r in real
+    )
+    assert {normalize(r["sql"]) for r in others}.isdisjoint(normalize(r["sql"]) for r in real)
+    assert stats["removed"]["real_schema_databases"] == 2  # the two GeoNuclearData questions
+    assert stats["removed"]["leakage"] == 1  # a real-schema question over another database
+    train = read_jsonl(out / "train.jsonl")
+    assert "How many singers are there?" in {r["question"] for r in train}  # the rest trains
+
+
+@pytest.mark.slow
+def test_real_schema_split_meets_the_data_contract(tmp_path: Path) -> None:
+    from pipelines.data import validate
+    out, _ = _prepare(tmp_path)
+    result = validate.run(load_params().validate_, out, tmp_path / "report")
+    assert result.success, [(r.rule, r.examples) for r in result.failed]
+    assert json.loads(result.summary_path.read_text())["n_by_split"]["real_schema"] == 59
