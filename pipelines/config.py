@@ -39,8 +39,6 @@ class Paths(_Block):
     monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
     feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
     feedback_quarantine: Path  # feedback labels the export refused, each with the rules it broke
-    spider_train: Path  # Spider's training split in Spider layout (git-tracked; a data source)
-    real_schema: Path  # the real-schema benchmark (KaggleDBQA subset, in git): never trained on
     teacher: Path  # verified teacher labels of doubtful traffic: teacher.jsonl + databases/
     teacher_report: Path  # the last labelling run: picked, accepted, quarantined (and why), cost
     teacher_cache: Path  # SQLite cache of the teacher's samples (kept across runs, never re-paid)
@@ -87,9 +85,20 @@ class SourceConfig(_Block):
     model_config = ConfigDict(extra="allow", frozen=True)
     type: Literal["synthetic", "jsonl", "spider", "feedback", "teacher"]  # importer to use
     path: Path | None = None  # where the source lives (synthetic: paths.synthetic)
-    max_examples: int | None = None  # most examples it gives, a seeded sample (0: none; None: all)
-    synonyms: bool = False  # spider: each question's Spider-Syn phrasing as a second example
-    max_ddl_chars: int | None = None  # its prompts' schema budget (None: data.max_ddl_chars)
+
+
+class ValueLinksConfig(_Block):
+    enabled: bool  # question words matched to stored values, listed after the DDL
+    scan_rows: int  # rows of a column read for its values (the first ones)
+    max_values_per_column: int  # its most frequent distinct values kept in the index
+    max_values: int  # values indexed per database in all (memory bound)
+    max_value_chars: int  # longer values (free text) are not indexed
+    max_value_words: int  # values with more words are not indexed (nor columns of such text)
+    max_build_s: float  # a database's index stops growing after this many seconds
+    cache_databases: int  # indexes kept in memory (least recently used dropped)
+    fuzzy: float  # difflib ratio from which two words count as a typo of each other
+    max_links: int  # links listed per question
+    max_per_column: int  # links listed per column
 
 
 class DataConfig(_Block):
@@ -100,8 +109,8 @@ class DataConfig(_Block):
     eval_fraction: float  # share of examples for eval (split: random)
     max_ddl_chars: int  # longer DDLs keep the tables most related to each question
     sample_values: int  # text columns with at most this many distinct values list them (0 = off)
-    real_schema: list[SourceConfig]  # benchmarks on real databases: real_schema.jsonl, scored by
-    # `evaluate` every run; their databases, questions and SQL never reach train
+    inferred_joins: bool  # join keys a database does not declare, as DDL lines (schema_fit)
+    value_links: ValueLinksConfig  # values the question names, as lines after the DDL
 
 
 class ValidateConfig(_Block):
@@ -221,7 +230,6 @@ class RegistryConfig(_Block):
     judge_tolerance: float  # largest judge-accuracy drop allowed (when judged)
     live_min_rows: int  # shadow answers per version the gate needs to read live traffic
     live_error_tolerance: float  # live execution-error rate the challenger may add (shadow)
-    real_schema_tolerance: float  # largest execution-accuracy drop allowed on the real-schema set
 
 
 class ServingConfig(_Block):
@@ -232,6 +240,8 @@ class ServingConfig(_Block):
     max_question_chars: int  # longer questions get a 400
     max_ddl_chars: int  # the prompt's schema is fitted to this (data.max_ddl_chars, as trained)
     sample_values: int  # the prompt's DDL lists column values as trained (data.sample_values)
+    inferred_joins: bool  # the prompt lists inferred join keys as trained (data.inferred_joins)
+    value_links: ValueLinksConfig  # the prompt lists linked values as trained (data.value_links)
     max_new_tokens: int  # generation budget per request
     request_timeout_s: float  # per vLLM call; past it the gateway answers 503
     sql_timeout_s: float  # execution time limit per query
