@@ -32,7 +32,7 @@ from pipelines.config import DataConfig, load_params, setup_entry_point
 from pipelines.data import sources
 from pipelines.data.atomic import aside, replace_dir
 from pipelines.data.records import FIELDS, question_key, sample_records, write_jsonl
-from pipelines.data.schema_fit import fit_schema
+from pipelines.data.schema_fit import prompt_ddl
 from pipelines.db_schema import ddl_of
 from pipelines.sql import normalize, parse
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # selection.jsonl is empty without selection_domains, real_schema.jsonl without data.real_schema
 SPLITS = ("train", "eval", "selection", "real_schema")
 _BUDGET = "_max_ddl_chars"  # a record's schema budget, from its source (never written out)
-
 
 
 def dedupe(records: list[dict]) -> tuple[list[dict], int, int]:
@@ -228,7 +227,14 @@ def _build(cfg: DataConfig, seed: int, synthetic_dir: Path, out_dir: Path) -> di
             r["ddl"] = ddl_cache[r["db_id"]]
     cut: set[int] = set()  # records whose fitted schema lost a table their SQL reads
     for r in [*records, *real]:  # a schema too long for a prompt keeps what the question needs
-        fitted = fit_schema(r["ddl"], r["question"], r[_BUDGET])
+        fitted = prompt_ddl(
+            r["ddl"],
+            r["question"],
+            r[_BUDGET],
+            databases.get(r["db_id"]),
+            inferred=cfg.inferred_joins,
+            value_links=cfg.value_links,
+        )
         if fitted != r["ddl"] and schema_cut(fitted, r["sql"]):
             cut.add(id(r))
         r["ddl"] = fitted
