@@ -161,7 +161,6 @@ def served_on(p, server, version: int, base: Path) -> None:
     stored = store_folder(p.path("base_models"), weights_hash(base))
     assert (route.version, route.base_path) == (version, str(stored))
     assert server.base() == str(stored) and f"{NAME}-v{version}" in server.loaded()
-    lines = (p.path("run_dir").parent / "requests.jsonl").read_text().splitlines()
     chat = "<|im_start|>system\n" in last_prompt(p)  # (the plain layout starts with BOS only)
     assert chat is base.name.startswith("base_a")
 
@@ -257,3 +256,45 @@ def test_merged_serving_merges_each_version_into_its_own_base(merged, two_bases)
         info = json.loads((Path(model["root"]) / "merge_info.json").read_text())
         assert info["base_model"] == str(base)
         assert read_route(p.path("routing")).base_path == str(base)
+
+
+# --- a registered version (pyfunc) and `sqlops eval` after paths.base_model changed ----------
+
+
+@pytest.mark.slow
+def test_a_registered_version_loads_on_its_own_base_after_the_base_changed(
+    tmp_path, two_bases, prepared_dir, mlflow_cfg
+):
+    import pandas as pd
+
+    from pipelines.eval import external
+    from pipelines.model.base import load_base
+    from pipelines.model.generate import generate_sql
+    from pipelines.model.prompt import build_prompt
+    from pipelines.release.registry import release
+    from tests.test_evaluate_release import _fake_eval, _params, _train
+
+    a, b = two_bases
+    p = _params(tmp_path, a, prepared_dir, mlflow_cfg)
+    _train(p)
+    _fake_eval(p, base_ex=0.1, tuned_ex=0.5)
+    assert release(p).champion == 1
+    mv = MlflowClient().get_model_version(NAME, "1")
+    assert mv.tags["base_model"] == "tiny-a" and mv.tags["base_model_uri"].startswith("runs:/")
+    # The next run trains on base B: paths.base_model is rebuilt, and this machine's store is
+    # gone (a version registered elsewhere): v1 still loads, on A, fetched from MLflow.
+    on_b = p.replace(paths={"base_model": b})
+    shutil.rmtree(p.path("base_models"))
+    label, load, info = external.model_loader("models:/text2sql/1", on_b, tmp_path / "eval")
+    spec = load()
+    stored = store_folder(p.path("base_models"), weights_hash(a))
+    assert (info["version"], spec.base_dir) == (1, stored)
+    loaded = mlflow.pyfunc.load_model(
+        "models:/text2sql@champion",
+        model_config={"base_model_path": str(b), "base_store_path": str(p.path("base_models"))},
+    )
+    rows = pd.DataFrame({"question": ["How many players are there?"], "ddl": ["CREATE TABLE "
+                         "players (player_id INTEGER PRIMARY KEY, level INTEGER);"]})  # fmt: skip
+    model, tok = load_base(a, p.path("adapter"))
+    prompts = [build_prompt(rows["ddl"][0], rows["question"][0], tok)]
+    assert list(loaded.predict(rows)) == generate_sql(model, tok, prompts, 4, 8).sql
