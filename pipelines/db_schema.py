@@ -125,7 +125,7 @@ def columns_of(db_path: Path | str) -> dict[str, list[dict]]:
 #
 # CSV imports, Kaggle files and dumps declare no foreign keys, so neither the prompt nor the
 # schema grammar knew any join. `inferred_joins` proposes one key per pair of tables with no
-# declared key between them, from three signs, each checked against the stored values:
+# declared key between them, from four signs, each checked against the stored values:
 #
 # - the same key-like column name in both tables (`state_code`, `StuID`; a name ending in
 #   _id/_code/_key/_no/_num, camelCase split), unless both columns are keys to one third table
@@ -133,11 +133,14 @@ def columns_of(db_path: Path | str) -> dict[str, list[dict]]:
 # - a naming convention: `orders.customer_id` (or `CustID`) -> `customers.customer_id`, its
 #   primary key or `customers.id`, the stem naming the table (plural, prefix `stu` -> student);
 # - value overlap alone, for text-valued key-like columns: nearly all sampled values of
-#   `a.x` are values of a unique key-like `b.y` (integer ids 1..n overlap by chance, so not them).
+#   `a.x` are values of a unique key-like `b.y` (integer ids 1..n overlap by chance, so not them);
+# - a lookup: the same text column name in both tables (`state` holding state names), unique in
+#   one of them, which holds at least 80% of the other's sampled values.
 #
-# Attribute names (`name`, `year`, `date`, `title`) and bare `id` are never joined by name: two
-# tables that both have a `year` share an attribute, not a key. A name-based candidate whose
-# sampled values never meet the other column's is dropped (an empty table keeps it on names).
+# Generic attribute names (`name`, `title`, `date`, `type`, `status`, ...), numbers (`year` vs
+# `year`) and bare `id` are never joined: two tables that both have a `year` share an attribute,
+# not a key. A name-based candidate whose sampled values never meet the other column's is
+# dropped (an empty table keeps it on names).
 # The result is cached by the schema's hash and the file's size and mtime.
 
 KEY_SUFFIXES = ("id", "code", "key", "no", "num", "number")
@@ -147,7 +150,14 @@ _OVERLAP_SAMPLE = 200  # distinct values of a column checked against the other c
 _OVERLAP_SCAN_ROWS = 200_000  # rows of the other column scanned for them
 _MIN_OVERLAP = 0.2  # a name-based key needs this share of sampled values found on one side
 _MIN_VALUE_OVERLAP = 0.9  # a key found by values alone needs this share
+_MIN_LOOKUP_OVERLAP = 0.8  # a lookup column holds this share of the other column's values
 _MAX_INFERRED = 40  # keys per database (the grammar's join scopes grow with them)
+# Attribute names that two tables share without being a key, however their values overlap.
+_GENERIC_TEXT = (
+    "name names title description descr comment comments note notes remarks text date time "
+    "type kind status category gender sex label value amount price total count"
+)
+GENERIC_NAMES = frozenset(_GENERIC_TEXT.split())
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,7 @@ class InferredJoin:
     column: str
     ref_table: str  # the referenced side (a primary key or the earlier table)
     ref_column: str
-    how: str  # "name" (same key-like name), "convention" (x_id -> x), "values" (overlap)
+    how: str  # "name" (same key-like name), "convention" (x_id -> x), "values", "lookup"
 
     def line(self) -> str:
         """The prompt's DDL line for this key (schema_fit keeps and reads it)."""
@@ -344,6 +354,45 @@ def _by_values(conn, columns, samples, linked, refs) -> list[tuple]:
     return found
 
 
+def _unique(conn: sqlite3.Connection, c: _Column) -> bool:
+    """Whether the column's values (its first rows) are distinct: at least 3, no repeat."""
+    col, table = _quote(c.name), _quote(c.table)
+    n, distinct = conn.execute(
+        f"SELECT COUNT(v), COUNT(DISTINCT v) FROM (SELECT {col} AS v FROM {table} LIMIT 10000)"
+    ).fetchone()
+    return n >= 3 and n == distinct
+
+
+def _by_lookup(conn, columns, samples, linked) -> list[tuple]:
+    """Same-named text columns (not key-like, not generic) where one is unique in its table and
+    holds most of the other's sampled values: a lookup table's natural key (`state`)."""
+    found = []
+    names = list(columns)
+    for i, ta in enumerate(names):
+        for tb in names[i + 1 :]:
+            if frozenset((ta.lower(), tb.lower())) in linked:
+                continue
+            for a in columns[ta]:
+                b = next((o for o in columns[tb] if o.name.lower() == a.name.lower()), None)
+                if b is None or key_parts(a.name) or _snake(a.name) in GENERIC_NAMES:
+                    continue
+                for c in (a, b):
+                    if c not in samples:
+                        samples[c] = _sample(conn, c)
+                if not all(
+                    samples[c] and all(isinstance(v, str) and not v.isdigit() for v in samples[c])
+                    for c in (a, b)
+                ):
+                    continue
+                for child, parent in ((a, b), (b, a)):
+                    if _unique(conn, parent) and (
+                        _found(conn, samples[child], parent) >= _MIN_LOOKUP_OVERLAP
+                    ):
+                        found.append((child, parent, "lookup", 4))
+                        break
+    return found
+
+
 _JOIN_CACHE: dict[tuple, tuple[InferredJoin, ...]] = {}
 
 
@@ -380,9 +429,16 @@ def _infer(conn: sqlite3.Connection) -> tuple[InferredJoin, ...]:
         overlap = _overlap(conn, child, parent, samples)
         if overlap is not None and overlap < _MIN_OVERLAP:
             continue
+        if how == "name" and not parent.pk and _unique(conn, child) and not _unique(conn, parent):
+            child, parent = parent, child  # the unique side is the one referred to
         linked.add(pair)
         out.append(InferredJoin(child.table, child.name, parent.table, parent.name, how))
     for child, parent, how, _ in _by_values(conn, columns, samples, set(linked), refs):
+        pair = frozenset((child.table.lower(), parent.table.lower()))
+        if pair not in linked:
+            linked.add(pair)
+            out.append(InferredJoin(child.table, child.name, parent.table, parent.name, how))
+    for child, parent, how, _ in _by_lookup(conn, columns, samples, set(linked)):
         pair = frozenset((child.table.lower(), parent.table.lower()))
         if pair not in linked:
             linked.add(pair)

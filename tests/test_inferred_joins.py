@@ -1,7 +1,7 @@
 """Joins where a database declares no foreign keys: keys inferred from key-like names, naming
-conventions and value overlap (db_schema.inferred_joins), allowed by the schema grammar, kept
-as paths by the schema filter and listed in the prompt's DDL; attribute columns that merely
-share a name (`year`, `name`) are never a join."""
+conventions, value overlap and lookup columns (db_schema.inferred_joins), allowed by the
+schema grammar, kept as paths by the schema filter and listed in the prompt's DDL; attribute
+columns that merely share a name (`year`, `name`) are never a join."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ CREATE TABLE orders (order_id INTEGER PRIMARY KEY, customer_id INTEGER, total RE
 CREATE TABLE payments (payment_id INTEGER PRIMARY KEY, customer_id INTEGER, amount REAL);
 CREATE TABLE batches_a (batch_code TEXT, qty INTEGER);
 CREATE TABLE batches_b (batch_code TEXT, price REAL);
+CREATE TABLE region_info (region TEXT, area REAL);
+CREATE TABLE visits (region TEXT, visitors INTEGER);
 """
 CODES = ["AK", "AL", "AZ", "CA", "CO"]
 
@@ -47,6 +49,8 @@ def _rows() -> list[str]:
         rows.append(f"INSERT INTO payments VALUES ({i + 1}, {i + 1}, 9.5)")
         rows.append(f"INSERT INTO batches_a VALUES ('A{i}', {i})")  # same name, other values
         rows.append(f"INSERT INTO batches_b VALUES ('B{i}', {i})")
+        rows.append(f"INSERT INTO region_info VALUES ('Region {c}', {i})")
+        rows += [f"INSERT INTO visits VALUES ('Region {c}', {i})"] * 2
     return rows
 
 
@@ -81,7 +85,11 @@ def test_infers_keys_by_name_and_convention_and_never_between_attributes(undecla
     # stored values never meet.
     assert frozenset(("filler_one", "filler_two")) not in linked
     assert frozenset(("batches_a", "batches_b")) not in linked
-    assert {j.how for j in inferred_joins(undeclared)} == {"convention"}
+    # A lookup: the same text column, unique in one table, holding the other's values.
+    assert ("visits", "region", "region_info", "region") in pairs
+    # `name` is unique in revenue and in scores and their values are the same, but a name is an
+    # attribute, not a key (asserted above: revenue and scores are not joined).
+    assert {j.how for j in inferred_joins(undeclared)} == {"convention", "lookup"}
 
 
 def test_same_key_name_across_tables_without_a_parent_table(tmp_path):
@@ -133,6 +141,10 @@ def test_the_grammar_accepts_the_inferred_join_and_refuses_unrelated_columns(und
         "SELECT ba.qty FROM batches_a AS ba JOIN batches_b AS bb ON ba.batch_code = bb.batch_code;"
     )
     assert not accepts(f"SELECT s.state_name {on_key.replace('r.state_code', 'r.name')};")
+    assert accepts(
+        "SELECT ri.area, SUM(v.visitors) FROM visits AS v JOIN region_info AS ri "
+        "ON v.region = ri.region GROUP BY ri.area;"
+    )
     # Without the inferred keys no join at all could be written on this database.
     assert read_schema(undeclared).keys == frozenset()
 
