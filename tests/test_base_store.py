@@ -298,3 +298,11 @@ def test_a_registered_version_loads_on_its_own_base_after_the_base_changed(
     model, tok = load_base(a, p.path("adapter"))
     prompts = [build_prompt(rows["ddl"][0], rows["question"][0], tok)]
     assert list(loaded.predict(rows)) == generate_sql(model, tok, prompts, 4, 8).sql
+
+
+def test_a_versions_tags_carry_its_base_and_licence_both_ways():
+    ref = BaseRef("google/gemma-3-270m", "a" * 64, "runs:/0123/base", "Gemma Terms of Use")
+    tags = ref.tags()
+    assert tags["base_model_licence"] == "Gemma Terms of Use" and tags["base_model"] == ref.id
+    assert BaseRef.from_tags(tags) == ref
+    assert "base_model_licence" not in BaseRef("tiny", "b" * 64).tags()

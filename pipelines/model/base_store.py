@@ -50,18 +50,24 @@ class BaseRef:
     id: str
     hash: str  # weights_sha256 of base_info.json
     uri: str | None = None  # runs:/<run id>/base (None: registered before bases were logged)
+    licence: str | None = None  # the terms of the weights (base_info.json; MODEL_CARD.md beside)
 
     def tags(self) -> dict[str, str]:
-        """The version's lineage tags (DESIGN.md: `base_model`, `base_model_hash`)."""
+        """The version's lineage tags (DESIGN.md: `base_model`, `base_model_hash`), where its
+        base's copy is and which licence applies (the MLflow UI shows them per version)."""
         tags = {"base_model": self.id, "base_model_hash": self.hash}
-        return tags | ({"base_model_uri": self.uri} if self.uri else {})
+        tags |= {"base_model_uri": self.uri} if self.uri else {}
+        return tags | ({"base_model_licence": self.licence} if self.licence else {})
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> BaseRef | None:
         if not tags.get("base_model_hash"):
             return None
         return cls(
-            tags.get("base_model", "unknown"), tags["base_model_hash"], tags.get("base_model_uri")
+            tags.get("base_model", "unknown"),
+            tags["base_model_hash"],
+            tags.get("base_model_uri"),
+            tags.get("base_model_licence"),
         )
 
     def short(self) -> str:
@@ -162,7 +168,10 @@ def store_base(p: Params, client: MlflowClient) -> BaseRef:
     folder = store_local(p.path("base_model"), p.path("base_models"))
     info = read_info(folder) or {}
     return BaseRef(
-        info.get("id", "unknown"), info["weights_sha256"], log_base(client, p.mlflow, folder)
+        info.get("id", "unknown"),
+        info["weights_sha256"],
+        log_base(client, p.mlflow, folder),
+        info.get("licence"),
     )
 
 
