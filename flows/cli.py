@@ -16,7 +16,11 @@ sqlops flow training         run the Prefect training flow (each DVC stage a tas
 sqlops flow release          run the Prefect release flow (register, gate, deploy, smoke, rollback)
 sqlops flow monitoring [--hours N] [--no-retrain]
                              drift check on the inference log; retrains when the policy says so
-sqlops flow demo             the closed loop: traffic, drift, feedback, retraining, promotion
+sqlops flow demo [--arm none|human|teacher]
+                             the closed loop: traffic, drift, feedback or teacher labels,
+                             retraining, promotion
+sqlops label                 the teacher labels the inference log's doubtful requests into the
+                             teacher data source (verified; quarantine and cost in the report)
 sqlops prefect serve         serve the training + monitoring deployments to a Prefect server
 sqlops experiment lora-rank  train + evaluate at LoRA ranks 8/16/64, one table (seed book)
 sqlops experiment precision  the same for fp32 vs bf16 autocast
@@ -112,8 +116,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(p, background=args.background)
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from pipelines.monitoring import teacher
+
+    p = load_params()
+    out = teacher.label_logged(p)
+    print(teacher.summary_line(out))
+    print(f"labels: {out.path}; report: {p.paths.teacher_report}; `dvc repro` trains on them")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
+    from pipelines.monitoring.teacher import read_report, summary_line
     from pipelines.release.registry import CHALLENGER, CHAMPION, current_version, live_traffic
     from pipelines.tracking import configure_mlflow, tracking_uri
 
@@ -163,6 +178,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
         f"final loss {train_info['final_loss']:.3f}; MLflow run {train_info['run_id']}"
     )
     print(f"Registry: {name} champion v{champion}, challenger v{challenger}")
+    labelled = read_report(p.path("teacher_report"))
+    if labelled:  # the last `sqlops label` / monitoring flow's labelling
+        print(f"Flywheel: {summary_line(labelled)}")
     traffic = live_traffic(p)
     if traffic:
         print("Live traffic (shadow answers, serving.shadow_share):")
@@ -194,7 +212,9 @@ def cmd_flow(args: argparse.Namespace) -> int:
         from flows.demo import demo
         from pipelines.release.gate import improved
 
-        r = demo()
+        r = demo(arm=args.arm)
+        if args.arm == "none":  # the control adds no data: nothing to improve
+            return 0
         return 0 if improved(r["drifted_domain_ex_before"], r["drifted_domain_ex_after"]) else 1
     return 0
 
@@ -266,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rollback", help="move the champion alias back")
     rb.add_argument("--to", type=int, help="version to make champion (default: the previous one)")
     sub.add_parser("summary", help="print base vs tuned figures and registry state")
+    sub.add_parser("label", help="label doubtful traffic with the teacher (the data flywheel)")
     dp = sub.add_parser("deploy", help="serve the champion in vLLM, smoke test, auto-rollback")
     dp.add_argument("--version", type=int, help="version to serve (default: the champion)")
     sv = sub.add_parser("serve", help="start vLLM + gateway on loopback")
@@ -275,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("name", choices=["training", "release", "monitoring", "demo"])
     fl.add_argument("--no-retrain", action="store_true", help="monitoring: check and report only")
     fl.add_argument("--hours", type=float, help="monitoring: window length (default: params.yaml)")
+    fl.add_argument(
+        "--arm",
+        choices=["none", "human", "teacher"],
+        default="human",
+        help="demo: the new data: none, human corrections (default) or teacher labels only",
+    )
     for p in (dp, fl):
         p.add_argument(
             "--force-smoke-failure", action="store_true", help="fail the smoke test (drill)"
@@ -318,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "release": cmd_release,
         "rollback": cmd_rollback,
         "summary": cmd_summary,
+        "label": cmd_label,
         "flow": cmd_flow,
         "deploy": cmd_deploy,
         "serve": cmd_serve,

@@ -1,10 +1,12 @@
 """The monitoring flow: drift check → MLflow run + Prefect artifact → retrain decision → retrain.
 
 When `should_retrain()` says so, the flow exports the verified feedback corrections to the
-feedback data source and emits the Prefect event `sqlops.drift.detected`. Where a Prefect server
-holds the `training` deployment (served by `sqlops prefect serve`), that deployment's
-trigger starts the training flow; otherwise (ephemeral Prefect, no deployment) this flow runs
-the training flow itself, as a subflow.
+feedback data source, has the teacher label the doubtful traffic into the teacher data source
+(pipelines/monitoring/teacher.py: an MLflow run and a Prefect artifact with what was picked,
+accepted, quarantined and what it cost) and emits the Prefect event `sqlops.drift.detected`.
+Where a Prefect server holds the `training` deployment (served by `sqlops prefect serve`),
+that deployment's trigger starts the training flow; otherwise (ephemeral Prefect, no
+deployment) this flow runs the training flow itself, as a subflow.
 
 Run once: `sqlops flow monitoring [--hours N] [--no-retrain]`; scheduled: `sqlops prefect serve`.
 """
@@ -20,7 +22,7 @@ from prefect.events import emit_event
 
 from flows.training import training
 from pipelines.config import Params, load_params
-from pipelines.monitoring import drift, feedback, report
+from pipelines.monitoring import drift, feedback, report, teacher
 from pipelines.monitoring.policy import history_horizon_s, should_retrain
 
 DRIFT_EVENT = "sqlops.drift.detected"
@@ -59,6 +61,27 @@ def publish(p: Params, result: drift.DriftResult, retrain: bool, reasons: list[s
 @task
 def export_feedback(p: Params) -> feedback.FeedbackExport:
     return feedback.export_logged(p)
+
+
+@task
+def label_traffic(p: Params) -> dict | None:
+    """The teacher's labels of the doubtful traffic (None, with a warning, when no teacher is
+    available: no endpoint and no served champion)."""
+    logger = get_run_logger()
+    try:
+        out = teacher.label_logged(p)
+    except ValueError as e:
+        logger.warning("teacher labelling skipped: %s", e)
+        return None
+    run_id = report.log_labelling(p.mlflow, out)
+    create_markdown_artifact(
+        key="teacher-labels",
+        markdown=report.labelling_markdown(out),
+        description=f"teacher labelling, MLflow run {run_id}",
+    )
+    logger.info(teacher.summary_line(out))
+    return {"accepted": out.accepted, "quarantined": out.quarantined, "picked": out.picked,
+            "cost_usd": out.cost_usd, "mlflow_run_id": run_id}  # fmt: skip
 
 
 def training_deployed() -> bool:
@@ -115,9 +138,12 @@ def monitoring(
     retrain: bool = True,
     now: float | None = None,
     overrides: dict | None = None,
+    export: bool = True,
+    label: bool = True,
 ) -> dict:
     """Check the last `window_hours` (default: params.yaml) of traffic ending at `now`
-    (default: the current time); retrain when the policy says so and `retrain` is on.
+    (default: the current time); retrain when the policy says so and `retrain` is on, first
+    exporting the feedback (`export`) and the teacher's labels (`label`) as data sources.
     `overrides` replaces `monitoring:` params for this run (the demo lifts the cooldown)."""
     logger = get_run_logger()
     p = load_params()
@@ -142,7 +168,11 @@ def monitoring(
     }
     if not (should and retrain):
         return out
-    exported = export_feedback(p)
+    exported = export_feedback(p) if export else None
+    if exported is not None:
+        out["feedback"] = {"labelled": exported.n_labelled, "verified": exported.n_verified,
+                           "quarantined": len(exported.quarantine)}  # fmt: skip
+    out["teacher"] = label_traffic(p) if label else None
     out["event_at"] = time.time()
     emit_event(
         event=DRIFT_EVENT,
@@ -151,7 +181,8 @@ def monitoring(
             "drifted_signals": result.drifted_signals,
             "reasons": reasons,
             "n_current": result.n_current,
-            "feedback_examples": exported.n_verified,
+            "feedback_examples": exported.n_verified if exported else 0,
+            "teacher_labels": (out["teacher"] or {}).get("accepted", 0),
             "mlflow_run_id": run_id,
         },
     )

@@ -305,6 +305,10 @@ def test_monitoring_flow_retrains_on_drift_then_cools_down(
                     "prepared": prepared,
                     "monitoring": tmp_path / "reports",
                     "feedback": tmp_path / "feedback",
+                    "teacher": tmp_path / "teacher",
+                    "teacher_report": tmp_path / "teacher.json",
+                    "teacher_cache": tmp_path / "teacher.sqlite",
+                    "judge_cache": tmp_path / "judge.sqlite",
                 }
             ),
             "serving": p.serving.model_copy(
@@ -325,11 +329,24 @@ def test_monitoring_flow_retrains_on_drift_then_cools_down(
     now = 1_000_000.0
     window_of(traffic(synthetic["unseen"], 400, start=now - 3600), tmp_path)
 
-    with prefect_test_harness(server_startup_timeout=90):
+    import mlflow
+    from tests.fake_openai import FakeOpenAI
+
+    # The teacher (an OpenAI-compatible stand-in) labels the doubtful traffic before the
+    # retraining; its answer to every question is `SELECT 1`, which verification refuses.
+    with prefect_test_harness(server_startup_timeout=90), FakeOpenAI() as teacher_api:
+        monkeypatch.setenv("OPENAI_BASE_URL", teacher_api.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
         first = monitoring_flow.monitoring(now=now)
         assert first["should_retrain"] and first["retrain"] == "subflow"
         assert "domain" in first["drifted_signals"] and trainings == [True]
         assert (tmp_path / "feedback" / "feedback.jsonl").is_file()
+        labelled = first["teacher"]
+        assert labelled["picked"] > 0 and labelled["accepted"] == 0
+        assert labelled["quarantined"] == labelled["picked"] and labelled["cost_usd"] > 0
+        assert (tmp_path / "teacher" / "teacher.jsonl").read_text() == ""
+        logged = mlflow.get_run(labelled["mlflow_run_id"]).data.metrics
+        assert logged["teacher.picked"] == labelled["picked"]
         # an hour later the traffic still drifts, but the cooldown holds retraining back
         second = monitoring_flow.monitoring(now=now + 1800)
         assert not second["should_retrain"] and "cooldown" in second["reasons"][-1]

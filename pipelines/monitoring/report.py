@@ -4,14 +4,17 @@ Checks go to their own experiment, `<mlflow.experiment>-monitoring`, so that tra
 comparable side by side. A run holds every signal's score as a metric (`drift.<signal>`), the
 Evidently HTML report and the `DriftResult` JSON as artifacts, and the tag
 `retrain_triggered` that `retrain_history()` reads back for the cooldown and the daily limit.
+Teacher labelling runs (pipelines/monitoring/teacher.py) are logged there too.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from pipelines.config import MlflowConfig
 from pipelines.monitoring.drift import DriftResult
+from pipelines.monitoring.teacher import Labelling
 from pipelines.tracking import configure_mlflow
 
 TRIGGER_TAG = "retrain_triggered"
@@ -89,4 +92,40 @@ def summary_markdown(result: DriftResult, retrain: bool, reasons: list[str]) -> 
         lines.append(f"| {name} | {s['score']} | {s['threshold']} | {s['method']} | {flag} |")
     if result.report_path is not None:
         lines += ["", f"Evidently report: `{result.report_path}`"]
+    return "\n".join(lines)
+
+
+def log_labelling(cfg: MlflowConfig, out: Labelling) -> str:
+    """Record one teacher labelling run (`teacher-labels <time>`, beside the drift checks):
+    how many requests were picked, accepted, quarantined and deferred, and what they cost;
+    the report (`paths.teacher_report`'s content) as an artifact. Returns the run id."""
+    import mlflow
+
+    _use_monitoring_experiment(cfg)
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(out.until))
+    with mlflow.start_run(run_name=f"teacher-labels {stamp}") as run:
+        mlflow.set_tags({"teacher": out.teacher, "teacher_kind": out.kind})
+        counts = ("doubtful", "picked", "cached", "accepted", "quarantined", "deferred",
+                  "overridden", "calls", "cost_usd", "seconds")  # fmt: skip
+        mlflow.log_metrics({f"teacher.{k}": float(getattr(out, k)) for k in counts})
+        mlflow.log_metrics({f"teacher.rejected.{k}": v for k, v in out.rejected.items()})
+        mlflow.log_dict(asdict(out) | {"labels": [r["id"] for r in out.labels]}, "teacher.json")
+        return run.info.run_id
+
+
+def labelling_markdown(out: Labelling) -> str:
+    """The labelling run as a table, for the Prefect UI."""
+    lines = [
+        f"**teacher {out.teacher}** ({out.kind}): {out.doubtful} doubtful requests, "
+        f"${out.cost_usd:.4f} in {out.calls} calls",
+        "",
+        "| picked | accepted | quarantined | deferred | skipped |",
+        "|---|---|---|---|---|",
+        f"| {out.picked} | {out.accepted} | {out.quarantined} | {out.deferred} "
+        f"| {out.skipped or '-'} |",
+        "",
+        "| quarantine rule | labels |",
+        "|---|---|",
+        *(f"| {rule} | {n} |" for rule, n in sorted(out.rejected.items())),
+    ]
     return "\n".join(lines)

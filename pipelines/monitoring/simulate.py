@@ -4,7 +4,8 @@ Questions come from the synthetic generator with a seed of their own, over the d
 pipeline prepared, so they are new questions and queries, not copies of training or evaluation
 examples: those are filtered out, as `prepare`'s leakage guard would drop them from training
 anyway. The generator's gold SQL plays the part of a user's correction, sent through the
-gateway's `/v1/feedback` like a person would.
+gateway's `/v1/feedback` like a person would, and measures the teacher's labels
+(`label_precision`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pipelines.config import SynthConfig
 from pipelines.data.domains import DOMAINS
 from pipelines.data.records import question_key
 from pipelines.data.synth import generate_examples, generate_rows
-from pipelines.sql import normalize
+from pipelines.sql import execute, has_order_by, normalize, results_match
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +113,23 @@ def give_feedback(
             recorded += r.status_code == 200
     log.info("feedback: %d corrections recorded of %d requests", recorded, len(logged))
     return recorded
+
+
+def label_precision(
+    labels: list[dict], answers: list[dict], databases: Path, timeout_s: float
+) -> tuple[int, int]:
+    """(labels whose result matches the gold SQL of the request they label, labels of a request
+    whose gold SQL is known): the demo's traffic knows the gold SQL of every question, so the
+    teacher's accepted labels can be checked the way evaluation checks predictions."""
+    gold = {a["response"].get("request_id"): a for a in answers if a["response"].get("request_id")}
+    matched = known = 0
+    for label in labels:
+        asked = gold.get(label["provenance"]["request_id"])
+        if asked is None:
+            continue
+        known += 1
+        db = databases / f"{asked['db_id']}.sqlite"
+        want, got = execute(db, asked["sql"], timeout_s), execute(db, label["sql"], timeout_s)
+        ordered = has_order_by(asked["sql"])
+        matched += want.ok and got.ok and results_match(want.rows, got.rows, ordered)
+    return matched, known

@@ -316,16 +316,24 @@ def write_report(path: Path, out: Labelling) -> None:
     os.replace(tmp, path)
 
 
-def label_logged(p: Params, teacher: Any = None, until: float | None = None) -> Labelling:
-    """`label` over the inference log since the last run (`paths.teacher_report`'s
-    `next_since`) into `paths.teacher`; the report written (the monitoring flow, `sqlops
-    label`)."""
+def label_logged(
+    p: Params,
+    teacher: Any = None,
+    until: float | None = None,
+    since: float | None = None,
+    human_since: float | None = None,
+) -> Labelling:
+    """`label` over the inference log since `since` (default: where the last run stopped,
+    `paths.teacher_report`'s `next_since`) into `paths.teacher`; the report written (the
+    monitoring flow, `sqlops label`). `human_since`: count people's labels from then on only
+    (the demo's teacher arm, on questions an earlier arm corrected)."""
     from pipelines.serving.inference_log import InferenceLog
 
     teacher = teacher or teacher_from_params(p)
     prepared = p.path("prepared")
     last = read_report(p.path("teacher_report"))
-    since = last["next_since"] if last else None
+    if since is None and last:
+        since = last["next_since"]
     until = time.time() if until is None else until
     ilog = InferenceLog(p.serving.inference_log_url)
     judged = p.teacher.judge and client_from_env(p.evaluate.judge.timeout_s) is not None
@@ -337,7 +345,7 @@ def label_logged(p: Params, teacher: Any = None, until: float | None = None) -> 
         cfg=p.teacher,
         rules=p.validate_.model_copy(update={"sql_timeout_s": p.monitoring.feedback_sql_timeout_s}),
         vocab=doubtful.training_vocab(prepared / "train.jsonl"),
-        human=doubtful.human_keys(ilog.window()),
+        human=doubtful.human_keys(ilog.window(since=human_since)),
         cache_path=p.path("teacher_cache"),
         sample_values=p.data.sample_values,
         max_ddl_chars=p.serving.max_ddl_chars,
