@@ -321,6 +321,13 @@ def test_picking_reasons_dedup_and_the_label_budget(prepared_dir: Path):
     }  # fmt: skip
 
 
+def test_an_endpoint_that_ignores_n_does_not_fake_agreement(prepared_dir: Path):
+    db = prepared_dir / "databases" / "shop.sqlite"
+    one = teacher.vote([[SEOUL, None]], db, CFG, 2.0, k=5)
+    assert one.rules == ["agreement"] and one.agreement == 0.2
+    assert teacher.vote([[SEOUL, None]] * 5, db, CFG, 2.0, k=5).rules == []
+
+
 def test_report_round_trip(world, tmp_path):
     with FakeOpenAI(teacher=TEACHER) as server:
         out = run(world, server, judge=False)

@@ -68,9 +68,10 @@ class Verdict:
     answers: dict[str, int] = field(default_factory=dict)  # outcome of each answer → count
 
 
-def vote(answers: list, db_path: Path, cfg: TeacherConfig, timeout_s: float) -> Verdict:
+def vote(answers: list, db_path: Path, cfg: TeacherConfig, timeout_s: float, k: int = 0) -> Verdict:
     """Verify each answer (`pipelines.sql.verify`) and choose the label: the SQL whose result
-    set most verified answers share (ties: the best log-probability, then the first)."""
+    set most verified answers share (ties: the best log-probability, then the first). The
+    agreement is over `k` answers when fewer came back (an endpoint that ignores `n`)."""
     schema = schema_of(db_path)
     checked: dict[str, Any] = {}
     groups: dict[tuple, list[tuple[float, int, str]]] = {}
@@ -91,9 +92,9 @@ def vote(answers: list, db_path: Path, cfg: TeacherConfig, timeout_s: float) -> 
         return Verdict(rules=[rule], why={rule: first.why.get(rule, "")}, answers=dict(outcomes))
     top = max(groups.values(), key=lambda g: (len(g), max(g)))
     verdict.sql = max(top)[2]
-    verdict.agreement = len(top) / len(answers)
+    verdict.agreement = len(top) / max(len(answers), k)
     verdict.n_rows = len(checked[verdict.sql].rows or [])
-    share = f"{len(top)} of {len(answers)} answers return the label's result"
+    share = f"{len(top)} of {max(len(answers), k)} answers return the label's result"
     if verdict.agreement < cfg.min_agreement:
         verdict.rules, verdict.why = ["agreement"], {"agreement": share}
     elif verdict.n_rows == 0 and verdict.agreement < cfg.empty_agreement:
@@ -215,7 +216,7 @@ def label(
         got = answers.get(q.pick.request_id)
         if got is None:
             continue
-        v = vote(got, databases / f"{q.pick.db_id}.sqlite", cfg, rules.sql_timeout_s)
+        v = vote(got, databases / f"{q.pick.db_id}.sqlite", cfg, rules.sql_timeout_s, teacher.k)
         if v.rules:
             extra = {"agreement": round(v.agreement, 3), "answers": v.answers}
             out.quarantine.append(_quarantine(q, v.sql, v.rules, v.why, extra))
