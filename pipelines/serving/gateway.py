@@ -9,7 +9,8 @@ POST /v1/feedback  {request_id, verdict? | correct_sql?} attached to the logged 
 GET  /v1/models    registry versions with lineage, and the adapter being served
 GET  /health       200 when vLLM answers and a version is routed, else 503 with the reason;
                    `weights`: how it is served (`adapter` at runtime, or `merged`)
-GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors
+GET  /metrics      Prometheus: requests, latency, guard rejections, cache hits, backend errors,
+                   personal data masked, off-topic refusals, semantic cache hits
 GET  /             the playground page, with /v1/databases[/{db_id}] and /v1/execute
                    (pipelines/serving/playground.py)
 
@@ -155,6 +156,8 @@ def create_app(
     async def sql(req: SQLRequest) -> JSONResponse:
         start = time.perf_counter()
         route = routes.current()
+        if route is not None and service.guardrails is not None and req.version == "champion":
+            service.guardrails.on_champion(route.model)  # a new champion: semantic cache goes
         if req.version == "challenger":
             try:
                 route = await run_in_threadpool(challenger) if challenger else None
@@ -199,6 +202,8 @@ def create_app(
                 correct_sql = await run_in_threadpool(guard, correct_sql)
             except UnsafeSQL as e:
                 raise HTTPException(400, f"correct_sql is not a read-only query: {e}") from e
+        if correct_sql is not None and service.guardrails is not None:
+            correct_sql = service.guardrails.mask(correct_sql)  # stored: no personal data
         try:
             logged = await run_in_threadpool(inference_log.get, req.request_id)
             if logged is not None and logged["status"] == "bad_request":

@@ -29,6 +29,7 @@ from pipelines.db_schema import ddl_of
 from pipelines.model.decoding import GREEDY, choose, engine_requests, grammar_for
 from pipelines.model.prompt import build_prompt
 from pipelines.serving.backend import BackendUnavailable, VLLMCompletions, vllm_url
+from pipelines.serving.guardrails import Guardrails, guardrails_from_params
 from pipelines.serving.routing import Route
 from pipelines.sql import ExecResult, UnsafeSQL, execute, guard, json_rows
 
@@ -104,6 +105,22 @@ class GatewayMetrics:
         self.backend_errors = Counter(
             "sqlops_gateway_backend_errors", "vLLM unavailable or failing", registry=r
         )
+        # Guardrails (pipelines/serving/guardrails.py): what was masked before storage, what was
+        # refused before the model, and the semantic cache's hits and refused neighbours.
+        self.pii_masked = Counter(
+            "sqlops_gateway_pii_masked", "Personal data masked in stored questions", ["type"],
+            registry=r,
+        )  # fmt: skip
+        self.off_topic = Counter(
+            "sqlops_gateway_off_topic", "Questions refused before the model", ["kind"], registry=r
+        )
+        self.semantic_hits = Counter(
+            "sqlops_gateway_semantic_cache_hits", "Semantic cache hits", registry=r
+        )
+        self.semantic_refused = Counter(
+            "sqlops_gateway_semantic_cache_refused",
+            "Close cached questions refused by the literal checks", ["why"], registry=r,
+        )  # fmt: skip
 
 
 def result_body(res: ExecResult) -> dict[str, Any]:
@@ -131,6 +148,7 @@ class Text2SQL:
         tokenizer: Any,
         backend: Any,
         decoding: DecodingConfig = GREEDY,
+        guardrails: Guardrails | None = None,
     ):
         # `tokenizer`: the configured base model's, for routes that name no base of their own
         self.cfg, self.databases, self.tok, self.backend = cfg, databases, tokenizer, backend
@@ -138,6 +156,7 @@ class Text2SQL:
         self.decoding = decoding  # params.yaml `decoding:`, as evaluation decodes
         self.cache = ResponseCache(cfg.cache_size)
         self.metrics = GatewayMetrics()
+        self.guardrails = guardrails  # masking, refusals, semantic cache (None: none of them)
         # db_id → (file identity when read, DDL): a database replaced on disk (a new `prepare`)
         # is read again; an empty or unreadable one is never cached.
         self._ddl: dict[str, tuple[tuple, str]] = {}
@@ -192,6 +211,17 @@ class Text2SQL:
     async def answer(
         self, question: str, db_id: str, run_sql: bool, route: Route | None, use_cache: bool = True
     ) -> Answer:
+        """The answer to one question; with guardrails, its log row carries no personal data
+        (the prompt and the executed SQL keep it)."""
+        a = await self._answer(question, db_id, run_sql, route, use_cache)
+        if self.guardrails is not None:
+            for kind, n in self.guardrails.mask_row(a.row, question).items():
+                self.metrics.pii_masked.labels(kind).inc(n)
+        return a
+
+    async def _answer(
+        self, question: str, db_id: str, run_sql: bool, route: Route | None, use_cache: bool
+    ) -> Answer:
         row: dict[str, Any] = {
             "db_id": loggable(db_id)[:128],
             "question": loggable(question)[:10_000],
@@ -219,6 +249,23 @@ class Text2SQL:
         sql = self.cache.get(key) if use_cache else None
         row["cache_hit"] = sql is not None
         upstream_s, chosen = 0.0, {}
+        screen = None
+        if sql is None and self.guardrails is not None:
+            screen = await run_in_threadpool(
+                self.guardrails.screen, question, db_id, self.databases / f"{db_id}.sqlite", ddl,
+                route.model, use_cache,
+            )  # fmt: skip
+            if screen.refusal:
+                self.metrics.off_topic.labels(screen.kind).inc()
+                row.update(status="off_topic", error=screen.refusal)
+                body = {"status": "off_topic", "error": screen.refusal}
+                body |= {"model_version": route.model, "relevance": screen.relevance}
+                return Answer(422, body, row)
+            if screen.miss_reason:
+                self.metrics.semantic_refused.labels(screen.miss_reason).inc()
+            if screen.hit is not None:
+                sql, row["cache_hit"] = screen.hit.sql, True
+                chosen = {"cache": "semantic", "similarity": round(screen.hit.similarity, 4)}
         if sql is None:
             db_path = self.databases / f"{db_id}.sqlite"
             try:
@@ -261,6 +308,8 @@ class Text2SQL:
         try:
             sql = guard(sql)
         except UnsafeSQL as e:
+            if screen is not None and screen.hit is not None:
+                self.metrics.semantic_hits.inc()
             # Never executed, never cached: the reason goes back to the caller and the log.
             self.metrics.guard_rejections.inc()
             row.update(status="guard_rejected", error=str(e))
@@ -284,10 +333,15 @@ class Text2SQL:
 def service_from_params(p: Params, cache: bool = True) -> Text2SQL:
     """The request path as served: the configured base model's tokenizer (a route naming its
     version's base uses that one's), the configured vLLM server, the prepared databases;
-    `cache=False` for the smoke test (every canary really generates)."""
+    `cache=False` for the smoke test (every canary really generates, and the model alone is
+    judged: no guardrails)."""
     from transformers import AutoTokenizer
 
     cfg = p.serving if cache else p.serving.model_copy(update={"cache_size": 0})
     tok = AutoTokenizer.from_pretrained(p.path("base_model"))
+        if screen is not None and row["status"] == "ok":
+            self.guardrails.remember(screen, sql)
     backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
-    return Text2SQL(cfg, p.path("prepared") / "databases", tok, backend, p.decoding)
+    guardrails = guardrails_from_params(p) if cache else None
+    databases = p.path("prepared") / "databases"
+    return Text2SQL(cfg, databases, tok, backend, p.decoding, guardrails)
