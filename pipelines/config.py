@@ -221,6 +221,26 @@ class ServingConfig(_Block):
     reconcile_s: float  # gateway: served version vs the registry's champion, checked this often
     webhook_max_age_s: float  # signed MLflow webhook deliveries older than this are refused
     shadow_share: float  # share of requests also answered by the `challenger` (shadow rows)
+    semantic_cache: bool  # answer paraphrases from a literal-aware semantic cache (guardrails)
+    semantic_cache_threshold: float  # cosine to a cached question above which its checks are tried
+    semantic_cache_size: int  # entries kept by the semantic cache, all databases together
+
+
+class PIIConfig(_Block):
+    email: bool  # mask e-mail addresses (<EMAIL>)
+    rrn: bool  # mask Korean resident/foreigner registration numbers (<RRN>)
+    card: bool  # mask card numbers with a valid Luhn digit (<CARD>)
+    phone: bool  # mask Korean and international phone numbers (<PHONE>)
+    account: bool  # mask IBANs and bank account numbers (<ACCOUNT>)
+
+
+class GuardrailsConfig(_Block):
+    embedding_model: str  # pipelines.serving.embeddings.MODELS name (relevance, semantic cache)
+    pii: PIIConfig  # which personal data is masked before anything is stored
+    injection: bool  # refuse prompt injections and write requests by rule (422 off_topic)
+    relevance: bool  # refuse questions that do not look like questions about the database
+    relevance_threshold: float  # best cosine to the database's profile below which it refuses
+    sample_questions: int  # training questions per database added to its relevance profile
 
 
 class MonitoringConfig(_Block):
@@ -270,26 +290,6 @@ class MlflowConfig(_Block):
 class Params(_Block):
     paths: Paths
     seed: int  # one seed for synth, split, training and sampling
-    semantic_cache: bool  # answer paraphrases from a literal-aware semantic cache (guardrails)
-    semantic_cache_threshold: float  # cosine to a cached question above which its checks are tried
-    semantic_cache_size: int  # entries kept by the semantic cache, all databases together
-
-
-class PIIConfig(_Block):
-    email: bool  # mask e-mail addresses (<EMAIL>)
-    rrn: bool  # mask Korean resident/foreigner registration numbers (<RRN>)
-    card: bool  # mask card numbers with a valid Luhn digit (<CARD>)
-    phone: bool  # mask Korean and international phone numbers (<PHONE>)
-    account: bool  # mask IBANs and bank account numbers (<ACCOUNT>)
-
-
-class GuardrailsConfig(_Block):
-    embedding_model: str  # pipelines.serving.embeddings.MODELS name (relevance, semantic cache)
-    pii: PIIConfig  # which personal data is masked before anything is stored
-    injection: bool  # refuse prompt injections and write requests by rule (422 off_topic)
-    relevance: bool  # refuse questions that do not look like questions about the database
-    relevance_threshold: float  # best cosine to the database's profile below which it refuses
-    sample_questions: int  # training questions per database added to its relevance profile
     sql: SQLConfig
     base_model: BaseModelConfig
     synth: SynthConfig
@@ -300,6 +300,7 @@ class GuardrailsConfig(_Block):
     decoding: DecodingConfig
     registry: RegistryConfig
     serving: ServingConfig
+    guardrails: GuardrailsConfig
     monitoring: MonitoringConfig
     demo: DemoConfig
     vllm: VLLMConfig
@@ -349,7 +350,6 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     raw = yaml.safe_load(Path(path).read_text())
     raw["validate_"] = raw.pop("validate")  # `validate` is a pydantic method name
     return Params.model_validate(raw)
-    guardrails: GuardrailsConfig
 
 
 def tool_env() -> dict[str, str]:

@@ -297,6 +297,8 @@ class Text2SQL:
                 )  # fmt: skip
         else:
             self.metrics.cache_hits.inc()
+            if screen is not None and screen.hit is not None:
+                self.metrics.semantic_hits.inc()
         row["sql"] = sql
         body: dict[str, Any] = {
             "sql": sql,
@@ -308,8 +310,6 @@ class Text2SQL:
         try:
             sql = guard(sql)
         except UnsafeSQL as e:
-            if screen is not None and screen.hit is not None:
-                self.metrics.semantic_hits.inc()
             # Never executed, never cached: the reason goes back to the caller and the log.
             self.metrics.guard_rejections.inc()
             row.update(status="guard_rejected", error=str(e))
@@ -327,6 +327,8 @@ class Text2SQL:
             else:
                 row.update(status="exec_error", error=res.error)
                 body |= {"status": "exec_error", "error": res.error}
+        if screen is not None and row["status"] == "ok":
+            self.guardrails.remember(screen, sql)
         return Answer(200 if row["status"] == "ok" else 422, body, row)
 
 
@@ -339,8 +341,6 @@ def service_from_params(p: Params, cache: bool = True) -> Text2SQL:
 
     cfg = p.serving if cache else p.serving.model_copy(update={"cache_size": 0})
     tok = AutoTokenizer.from_pretrained(p.path("base_model"))
-        if screen is not None and row["status"] == "ok":
-            self.guardrails.remember(screen, sql)
     backend = VLLMCompletions(vllm_url(cfg), cfg.request_timeout_s, cfg.max_new_tokens)
     guardrails = guardrails_from_params(p) if cache else None
     databases = p.path("prepared") / "databases"
