@@ -128,6 +128,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
+    from pipelines.eval.report import failure_lines, real_schema_line
     from pipelines.monitoring.teacher import read_report, summary_line
     from pipelines.release.registry import CHALLENGER, CHAMPION, current_version, live_traffic
     from pipelines.tracking import configure_mlflow, tracking_uri
@@ -173,6 +174,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
             f"tuned execution accuracy {pct(picked['execution_accuracy']).strip()}, "
             f"valid SQL {pct(picked['valid_sql_rate']).strip()}"
         )
+    real = real_schema_line(metrics)
+    if real:  # databases people built: read it, choose no knob on it
+        print(f"  {real}")
+    lines = failure_lines(metrics)
+    if lines:
+        print("  tuned model's wrong answers by failure class:")
+        print("\n".join(f"    {line}" for line in lines))
     print(
         f"\nTraining: {train_info['steps']} steps in {train_info['seconds'] / 60:.1f} min, "
         f"final loss {train_info['final_loss']:.3f}; MLflow run {train_info['run_id']}"
@@ -258,6 +266,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipelines.eval import external
+    from pipelines.eval.failures import CLASSES, summary_line
 
     p = load_params()
     out = args.out or external.default_out_dir(p, args.dataset)
@@ -272,7 +281,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"  {label:<24}{m['execution_accuracy']:>10.3f}{f'[{lo:.3f}, {hi:.3f}]':>16}"
             f"{m['exact_match']:>8.3f}{m['valid_sql_rate']:>8.3f}{judge:>8}"
         )
-    print(f"report: {out}")
+    print("wrong answers by failure class:")
+    for label in metrics["models"]:
+        print(f"  {label:<24}{summary_line(metrics[label]['failures'], top=len(CLASSES))}")
+    print(f"report: {out} (each prediction's `failure` in predictions.jsonl)")
     return 0
 
 

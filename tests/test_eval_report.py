@@ -83,7 +83,10 @@ def test_report_files(tmp_path):
     assert len(table) == 2 and "How many players? \\| #1" in table[0]  # `|` escaped
     with paths.breakdown.open() as f:
         bars = list(csv.DictReader(f))
-    assert bars == [{k: str(v) for k, v in b.items()} for b in breakdown_rows(m)]
+    assert bars == [{k: str(v) for k, v in b.items()} for b in breakdown_rows(m, rows)]
+    assert {b["dataset"] for b in bars} == {"eval"}
+    # the wrong answers: ex-2 repeats the gold SQL (nothing differs), ex-3 reads no table
+    assert bars[0]["failures_other"] == bars[0]["failures_wrong_table"] == "1"
     assert {b["group"] for b in bars} == {
         "overall: all",
         "domain: game",

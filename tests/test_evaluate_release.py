@@ -13,6 +13,7 @@ import mlflow
 from pipelines.config import EvaluateConfig, TrainConfig, load_params
 from pipelines.data.records import read_jsonl, write_jsonl
 from pipelines.eval import evaluate, external
+from pipelines.eval.failures import CLASSES
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model import train
 from pipelines.model.base import load_base
@@ -67,7 +68,9 @@ def _train(p, seed=0):
     )
 
 
-def _fake_eval(p, base_ex, tuned_ex):
+def _fake_eval(p, base_ex, tuned_ex, real_schema=None):
+    """eval.json with these execution accuracies; `real_schema`: (base, tuned) on that set."""
+
     def m(ex):
         return {
             "execution_accuracy": ex,
@@ -76,9 +79,11 @@ def _fake_eval(p, base_ex, tuned_ex):
             "judge_accuracy": None,
         }
 
-    p.path("eval_metrics").write_text(
-        json.dumps({"n_examples": 10, "base": m(base_ex), "tuned": m(tuned_ex)})
-    )
+    metrics = {"n_examples": 10, "base": m(base_ex), "tuned": m(tuned_ex)}
+    if real_schema:
+        real = {"base": m(real_schema[0]), "tuned": m(real_schema[1])}
+        metrics["real_schema"] = {"domains": ["x"], "n_examples": 59, **real}
+    p.path("eval_metrics").write_text(json.dumps(metrics))
 
 
 def test_evaluate_writes_the_output_contract(
@@ -135,17 +140,21 @@ def test_evaluate_writes_the_output_contract(
     assert {"eval/breakdown.csv", "eval/disagreements.md", "eval/eval.json"} <= artifacts
 
 
-def test_evaluate_scores_the_tuned_model_on_the_selection_split(
+def test_evaluate_scores_the_selection_and_real_schema_splits(
     tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, monkeypatch
 ):
-    """A prepared selection split (data.selection_domains) is scored for the tuned model only,
-    beside the reported figures, and its rows stay out of the report."""
+    """A prepared selection split (data.selection_domains) is scored for the tuned model only
+    and the real-schema split (data.real_schema) for both, beside the reported figures, in the
+    same generations; their rows are labelled by dataset and carry failure classes; eval.json,
+    the breakdown and MLflow show them, the reported figures stay those of `eval`."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     held_out = read_jsonl(prepared_dir / "eval.jsonl")[:4]
     write_jsonl(prepared_dir / "selection.jsonl", [r | {"split": "selection"} for r in held_out])
+    real = [r | {"split": "real_schema"} for r in read_jsonl(prepared_dir / "train.jsonl")[:3]]
+    write_jsonl(prepared_dir / "real_schema.jsonl", real)
     p = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg)
-    _train(p)
-    asked = []  # prompts per generation: the tuned model answers both splits in one (one start-up)
+    info = _train(p)
+    asked = []  # prompts per generation: each model answers its splits in one (one start-up)
     real_generate = evaluate.generate
     monkeypatch.setattr(
         evaluate, "generate", lambda spec, tok, prompts, *a: asked.append(len(prompts))
@@ -155,12 +164,43 @@ def test_evaluate_scores_the_tuned_model_on_the_selection_split(
         p.evaluate, 0, tiny_base_dir, p.path("adapter"), prepared_dir, p.path("judge_cache"),
         VLLMRuntime.of(p), GREEDY,
     )  # fmt: skip
-    assert asked == [metrics["n_examples"], metrics["n_examples"] + 4]
+    n = metrics["n_examples"]
+    assert asked == [n + 3, n + 4 + 3]
     picked = metrics["selection"]
     assert picked["domains"] == ["game"] and picked["n_examples"] == 4
     assert set(picked) == {"domains", "n_examples", "tuned"}
     assert 0.0 <= picked["tuned"]["execution_accuracy"] <= 1.0
-    assert len(rows) == 2 * metrics["n_examples"]  # base + tuned on the eval split only
+    assert set(metrics["real_schema"]) == {"domains", "n_examples", "base", "tuned"}
+    assert metrics["real_schema"]["n_examples"] == 3
+    by_dataset = {
+        d: [r for r in rows if r["dataset"] == d] for d in ("eval", "selection", "real_schema")
+    }
+    assert [len(v) for v in by_dataset.values()] == [2 * n, 4, 2 * 3]
+    for r in rows:  # a failure class for each wrong answer, none for a right one
+        assert (r["failure"] is None) == r["execution_match"], r
+    for name in ("base", "tuned"):  # the M blocks count exactly their own rows' failures
+        mine = [r for r in by_dataset["real_schema"] if r["model"] == name]
+        assert sum(metrics["real_schema"][name]["failures"].values()) == sum(
+            not r["execution_match"] for r in mine
+        )
+        assert metrics[name]["by_domain"].keys() == {"game"}  # eval's figures: eval rows only
+
+    paths = ReportPaths.under(tmp_path / "report")
+    write_report(paths, metrics, rows)
+    assert json.loads(paths.metrics.read_text())["real_schema"] == metrics["real_schema"]
+    with paths.breakdown.open() as f:
+        bars = list(csv.DictReader(f))
+    assert {("base", "real_schema overall: all"), ("tuned", "selection overall: all")} <= {
+        (b["model"], b["group"]) for b in bars
+    }
+    evaluate.log_to_mlflow(info["run_id"], metrics, rows, paths)
+    logged = mlflow.get_run(info["run_id"]).data.metrics
+    assert (
+        logged["real_schema_tuned_execution_accuracy"]
+        == (metrics["real_schema"]["tuned"]["execution_accuracy"])
+    )
+    assert "real_schema_base_failures_missing_condition" in logged
+    assert "selection_tuned_valid_sql_rate" in logged and "tuned_failures_wrong_table" in logged
 
 
 def test_gold_queries_score_perfectly(tiny_base_dir, prepared_dir):
@@ -180,7 +220,7 @@ def test_release_gate_promotion_rollback_and_reload(
 ):
     p1 = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, "a1")
     _train(p1, seed=0)
-    _fake_eval(p1, base_ex=0.1, tuned_ex=0.5)
+    _fake_eval(p1, base_ex=0.1, tuned_ex=0.5, real_schema=(0.0, 0.2))
     r1 = registry.release(p1)
     assert (r1.version, r1.champion, r1.decision.promote, r1.reused) == (1, 1, True, False)
 
@@ -189,13 +229,17 @@ def test_release_gate_promotion_rollback_and_reload(
 
     p2 = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, "a2")
     _train(p2, seed=1)
-    _fake_eval(p2, base_ex=0.1, tuned_ex=0.4)  # worse than the champion: stays challenger
+    # better than the champion on `eval`, 15 points worse on the real-schema set: stays challenger
+    _fake_eval(p2, base_ex=0.1, tuned_ex=0.6, real_schema=(0.0, 0.05))
     r2 = registry.release(p2)
     assert (r2.version, r2.champion, r2.decision.promote) == (2, 1, False)
+    assert [r for r in r2.decision.reasons if "drops beyond" in r] == [
+        "real-schema set: execution accuracy 0.050 vs champion 0.200 (drops beyond tolerance 0.05)"
+    ]
 
     p3 = _params(tmp_path, tiny_base_dir, prepared_dir, mlflow_cfg, "a3")
     _train(p3, seed=2)
-    _fake_eval(p3, base_ex=0.1, tuned_ex=0.7)
+    _fake_eval(p3, base_ex=0.1, tuned_ex=0.7, real_schema=(0.0, 0.2))
     assert registry.release(p3).champion == 3
 
     client = mlflow.MlflowClient()
@@ -315,4 +359,9 @@ def test_sqlops_eval_cli_with_the_base_model(
     assert n + metrics["dataset"]["gold_errors"] == 3  # a seeded sample of 3, broken gold left out
     assert f"{n} examples, judge skipped" in printed and f"report: {out}" in printed
     assert metrics["base"]["by_domain"]["arcade"]["n"] == n
+    # every wrong answer classified: in eval.json, the predictions and the printed report
+    wrong = [r for r in read_jsonl(out / "predictions.jsonl") if not r["execution_match"]]
+    assert all(r["failure"] in CLASSES for r in wrong)
+    assert sum(metrics["base"]["failures"].values()) == len(wrong)
+    assert "wrong answers by failure class:" in printed
     assert cli.main(["eval", "--dataset", "spider:/nonexistent", "--model", "base"]) == 1

@@ -81,7 +81,31 @@ def test_real_schema_split_never_reaches_training(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_schema_split_meets_the_data_contract(tmp_path: Path) -> None:
     from pipelines.data import validate
+
     out, _ = _prepare(tmp_path)
     result = validate.run(load_params().validate_, out, tmp_path / "report")
     assert result.success, [(r.rule, r.examples) for r in result.failed]
     assert json.loads(result.summary_path.read_text())["n_by_split"]["real_schema"] == 59
+
+
+def _m(ex: float) -> dict:
+    return {"execution_accuracy": ex, "valid_sql_rate": 1.0, "judge_accuracy": None}
+
+
+@pytest.mark.parametrize(
+    ("real", "promote", "says"),
+    [
+        ((0.10, 0.05), True, "real-schema set: execution accuracy 0.100 vs champion 0.050"),
+        ((0.04, 0.08), True, "within tolerance 0.05"),  # 4 points down: within
+        ((0.02, 0.10), False, "drops beyond tolerance 0.05"),
+        ((0.10, None), True, "(champion: no figure)"),  # registered before the figure
+        (None, True, "real-schema set: not evaluated"),
+    ],
+)
+def test_gate_reports_the_real_schema_set_and_refuses_a_regression(real, promote, says):
+    from pipelines.release.gate import should_promote
+
+    cfg = load_params().registry.model_copy(update={"real_schema_tolerance": 0.05})
+    pair = None if real is None else tuple(None if x is None else _m(x) for x in real)
+    d = should_promote(_m(0.6), _m(0.5), _m(0.1), cfg, real_schema=pair)
+    assert d.promote is promote and any(says in r for r in d.reasons), d.reasons

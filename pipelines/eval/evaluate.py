@@ -6,7 +6,11 @@ weights or transformers; `evaluate.backend`) with the gateway's decoding (params
 predicted query is guarded and executed read-only against the example's database and compared
 with the gold result (execution accuracy), normalised and compared as text (exact match), and,
 when an OpenAI-compatible endpoint is configured, judged by an LLM (every example, or with
-`evaluate.judge.only_execution_failures` only those execution marks wrong). Writes the report
+`evaluate.judge.only_execution_failures` only those execution marks wrong); each wrong answer
+gets a failure class (`pipelines.eval.failures`). Beside the reported `eval` split, the
+model-selection split (tuned model) and the real-schema split (base and tuned;
+`data.real_schema`) are scored in the same generations, each under its own key of eval.json,
+their rows in the predictions labelled by `dataset`. Writes the report
 (`pipelines.eval.report`: metrics/eval.json, predictions, the breakdown for DVC plots, the
 judge-vs-execution disagreements) and logs it into the training's MLflow run.
 `evaluate_models` is the scoring loop `sqlops eval` reuses for registered models and benchmarks.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -33,9 +38,10 @@ from pipelines.config import (
     setup_entry_point,
 )
 from pipelines.data.records import read_jsonl, sample_records, write_jsonl
+from pipelines.eval.failures import CLASSES, failure_of, summary_line
 from pipelines.eval.judge import JudgeItem, JudgeReport, judge
 from pipelines.eval.metrics import disagreements, score_example, summarize
-from pipelines.eval.report import ReportPaths, model_names, write_report
+from pipelines.eval.report import EXTRA_SPLITS, ReportPaths, model_names, write_report
 from pipelines.model.backends import ModelSpec, generate, load_tokenizer
 from pipelines.model.decoding import choose, grammar_for
 from pipelines.model.generate import Generation
@@ -83,6 +89,7 @@ def evaluate_model(
                 **score_example(r["sql"], g, pred_sql, pred, cfg.float_tolerance),
             }
         )
+        rows[-1]["failure"] = failure_of(rows[-1])
     return rows, gen
 
 
@@ -120,6 +127,16 @@ def gold_results(records: list[dict], db_dir: Path, timeout_s: float) -> list[sq
 ModelLoader = Callable[[], ModelSpec]  # called when the model's turn comes
 
 
+@dataclass(frozen=True)
+class Extra:
+    """A split scored beside the reported one, in the same generations (one engine start-up
+    per model): its records, their gold results, and the models that answer it."""
+
+    records: list[dict]
+    gold: list[sqlmod.ExecResult]
+    models: tuple[str, ...]
+
+
 def evaluate_models(
     models: dict[str, ModelLoader],
     records: list[dict],
@@ -131,33 +148,36 @@ def evaluate_models(
     vllm: VLLMRuntime,
     decoding: DecodingConfig,
     predictions: Path | None = None,
-    selection: tuple[list[dict], list[sqlmod.ExecResult]] | None = None,
+    extras: dict[str, Extra] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate, score and judge every model on the same examples; one model in memory at a
-    time. Returns (metrics in the eval.json shape, one `M` block per model name; rows).
+    time. Returns (metrics in the eval.json shape, one `M` block per model name; rows, each
+    with its `dataset`: "eval" for `records`).
 
-    `selection` (records, gold results): the model-selection split, which the last model also
-    answers in the same generation (one engine start-up, ~4 min for vLLM on a 2-core AVX2 CPU);
-    scored apart under `metrics["selection"]`, its rows not among the returned ones.
+    `extras` (name → Extra): splits the models named in each also answer in the same
+    generation (one engine start-up, ~4 min for vLLM on a 2-core AVX2 CPU), scored apart
+    under `metrics[name]` = {domains, n_examples, <model>: M}; their rows are labelled `name`.
 
     With `predictions`, the scored rows of every finished model are written there as soon as
     it finishes (unjudged; the report rewrites the file at the end), so that a later model or
     the judge failing loses only what was not finished."""
-    all_rows, speed, picked = [], {}, []
-    last = list(models)[-1]
+    all_rows, speed, extras = [], {}, extras or {}
     for name, load in models.items():
-        extra, extra_gold = selection if selection and name == last else ([], [])
-        rows, gen = evaluate_model(
-            load(), records + extra, gold + extra_gold, db_dir, cfg, vllm, decoding
-        )
-        rows, picked = rows[: len(records)], [{"model": name, **r} for r in rows[len(records) :]]
+        mine = {k: e for k, e in extras.items() if name in e.models and e.records}
+        asked = records + [r for e in mine.values() for r in e.records]
+        golds = gold + [g for e in mine.values() for g in e.gold]
+        rows, gen = evaluate_model(load(), asked, golds, db_dir, cfg, vllm, decoding)
+        datasets = ["eval"] * len(records) + [k for k, e in mine.items() for _ in e.records]
         speed[name] = gen.tokens_per_s
-        all_rows += [{"model": name, **row} for row in rows]
+        all_rows += [
+            {"model": name, "dataset": d, **row} for d, row in zip(datasets, rows, strict=True)
+        ]
         if predictions is not None:
             predictions.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(predictions, all_rows)
             log.info("%s: %d predictions written to %s", name, len(rows), predictions)
-    report = apply_judge(all_rows, records, cfg, judge_cache)
+    main = [r for r in all_rows if r["dataset"] == "eval"]
+    report = apply_judge(main, records, cfg, judge_cache)
     failures_only = cfg.judge.only_execution_failures
     metrics = {
         "n_examples": len(records),
@@ -175,15 +195,22 @@ def evaluate_models(
         },
     }
     for name in models:
-        rows = [r for r in all_rows if r["model"] == name]
+        rows = [r for r in main if r["model"] == name]
         metrics[name] = summarize(rows, cfg.bootstrap_samples, seed, speed[name], failures_only)
-    if picked:
-        apply_judge(picked, selection[0], cfg, judge_cache)
-        metrics["selection"] = {
-            "domains": sorted({r["domain"] for r in selection[0]}),
-            "n_examples": len(selection[0]),
-            last: summarize(picked, cfg.bootstrap_samples, seed, speed[last], failures_only),
+    for key, e in extras.items():
+        scored = [r for r in all_rows if r["dataset"] == key]
+        if not scored:
+            continue
+        apply_judge(scored, e.records, cfg, judge_cache)
+        metrics[key] = {
+            "domains": sorted({r["domain"] for r in e.records}),
+            "n_examples": len(e.records),
         }
+        for name in (m for m in models if m in e.models):
+            rows = [r for r in scored if r["model"] == name]
+            metrics[key][name] = summarize(
+                rows, cfg.bootstrap_samples, seed, speed[name], failures_only
+            )
     return metrics, all_rows
 
 
@@ -200,15 +227,20 @@ def run(
 ) -> tuple[dict, list[dict]]:
     """(metrics in the eval.json shape, prediction rows of both models). The tuned model is
     also scored on the selection split (`data.selection_domains`) when there is one: the figure
-    knobs are chosen on, under `metrics["selection"]`, its rows not among the returned ones.
-    `predictions`: see `evaluate_models`."""
+    knobs are chosen on, under `metrics["selection"]`; both models on the real-schema split
+    (`data.real_schema`) when there is one, under `metrics["real_schema"]`: a figure to read,
+    never to choose knobs on. `predictions`: see `evaluate_models`."""
     db_dir = prepared_dir / "databases"
     models = {
         "base": lambda: ModelSpec(base_dir),
         "tuned": lambda: ModelSpec(base_dir, adapter_dir),
     }
     records, gold = split_with_gold(prepared_dir, "eval", cfg, seed)
-    selection = split_with_gold(prepared_dir, "selection", cfg, seed)
+    answering = {"selection": ("tuned",), "real_schema": ("base", "tuned")}
+    extras = {
+        split: Extra(*split_with_gold(prepared_dir, split, cfg, seed), answering[split])
+        for split in EXTRA_SPLITS
+    }
     return evaluate_models(
         models,
         records,
@@ -220,7 +252,7 @@ def run(
         vllm,
         decoding,
         predictions,
-        selection if selection[0] else None,
+        extras,
     )
 
 
@@ -251,6 +283,8 @@ PREDICTION_COLUMNS = [
     "execution_match",
     "exact_match",
     "judge",
+    "dataset",
+    "failure",
 ]
 FLAT_METRICS = (
     "execution_accuracy",
@@ -270,9 +304,13 @@ def log_report(metrics: dict, rows: list[dict], paths: ReportPaths) -> None:
         flat |= {f"{name}_{k}": v for k in FLAT_METRICS if (v := metrics[name][k]) is not None}
         lo, hi = metrics[name]["execution_accuracy_ci95"]
         flat |= {f"{name}_execution_accuracy_ci95_lo": lo, f"{name}_execution_accuracy_ci95_hi": hi}
-    if "selection" in metrics:  # the model-selection domain's figures, beside the reported ones
-        picked = metrics["selection"]["tuned"]
-        flat |= {f"selection_tuned_{k}": v for k in FLAT_METRICS if (v := picked[k]) is not None}
+        flat |= _failure_metrics(f"{name}_", metrics[name])
+    for split in EXTRA_SPLITS:  # model selection and real schemas, beside the reported figures
+        block = metrics.get(split) or {}
+        for name in model_names(block):
+            m, prefix = block[name], f"{split}_{name}_"
+            flat |= {f"{prefix}{k}": v for k in FLAT_METRICS if (v := m[k]) is not None}
+            flat |= _failure_metrics(prefix, m)
     judge_block = metrics["judge"]
     for key in ("calls", "cost_usd", "prompt_tokens", "completion_tokens", "errors"):
         flat[f"judge_{key}"] = judge_block.get(key, 0)
@@ -280,10 +318,16 @@ def log_report(metrics: dict, rows: list[dict], paths: ReportPaths) -> None:
     for path in (paths.metrics, paths.breakdown, paths.disagreements):
         mlflow.log_artifact(str(path), artifact_path="eval")
     mlflow.log_table(pd.DataFrame(rows)[PREDICTION_COLUMNS], artifact_file="eval/predictions.json")
-    found = disagreements(rows)
+    found = disagreements([r for r in rows if r.get("dataset", "eval") == "eval"])
     if found:
         table = pd.DataFrame(found)[["disagreement", *PREDICTION_COLUMNS]]
         mlflow.log_table(table, artifact_file="eval/disagreements.json")
+
+
+def _failure_metrics(prefix: str, m: dict) -> dict[str, int]:
+    """`<prefix>failures_<class>`: the wrong answers of one M block per failure class."""
+    found = m.get("failures") or {}
+    return {f"{prefix}failures_{c}": found.get(c, 0) for c in CLASSES}
 
 
 def log_to_mlflow(run_id: str, metrics: dict, rows: list[dict], paths: ReportPaths) -> None:
@@ -330,6 +374,15 @@ def main() -> None:
         100 * t["execution_accuracy"],
         metrics["judge"]["status"],
     )
+    if "real_schema" in metrics:
+        real = metrics["real_schema"]
+        log.info(
+            "real-schema set (%d examples): base %.1f%% -> tuned %.1f%%; tuned failures: %s",
+            real["n_examples"],
+            100 * real["base"]["execution_accuracy"],
+            100 * real["tuned"]["execution_accuracy"],
+            summary_line(real["tuned"]["failures"]),
+        )
 
 
 if __name__ == "__main__":

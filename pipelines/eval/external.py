@@ -5,8 +5,9 @@
 
 The dataset is read by the importer `prepare` uses for Spider-format sources, its databases are
 copied under DIR/databases, and the models are scored by `evaluate_models`, the `evaluate`
-stage's own loop: DIR gets the same report (eval.json, predictions, breakdown, disagreements)
-and an MLflow run (`eval-<dataset>`) gets the figures and tables. A registered version loads
+stage's own loop: DIR gets the same report (eval.json, predictions, breakdown, disagreements;
+each wrong answer with its failure class, `pipelines.eval.failures`) and an MLflow run
+(`eval-<dataset>`) gets the figures and tables. A registered version loads
 through its MLflow pyfunc (LoRA adapter artifact on its own base model, found by weights hash
 here or fetched from MLflow: pipelines/model/base_store.py) and generates through
 `pipelines.model.backends` like the `evaluate` stage; `base` is `paths.base_model` alone.
@@ -33,6 +34,7 @@ from pipelines.eval.evaluate import (
     gold_results,
     log_report,
 )
+from pipelines.eval.failures import summary_line
 from pipelines.eval.report import ReportPaths, write_report
 from pipelines.model.backends import ModelSpec
 from pipelines.model.base_store import version_base_dir
@@ -160,10 +162,11 @@ def run(
         log_report(metrics, rows, paths)
     for label in models:
         log.info(
-            "%s on %s (%d examples): execution accuracy %.1f%%",
+            "%s on %s (%d examples): execution accuracy %.1f%%; wrong answers: %s",
             label,
             dataset,
             metrics["n_examples"],
             100 * metrics[label]["execution_accuracy"],
+            summary_line(metrics[label]["failures"]),
         )
     return metrics

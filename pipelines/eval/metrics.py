@@ -2,7 +2,8 @@
 
 `score_example` decides valid / execution match / exact match for one prediction; `summarize`
 turns scored rows into the `M` block of metrics/eval.json (DESIGN.md, output contract), judge
-figures included; `disagreements` picks the rows where the judge and execution disagree.
+figures and failure classes (`failures.py`) included; `disagreements` picks the rows where the
+judge and execution disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from pipelines import sql as sqlmod
+from pipelines.eval import failures
 
 
 def score_example(
@@ -130,5 +132,6 @@ def summarize(
         "by_domain": breakdown(rows, "domain"),
         "by_difficulty": breakdown(rows, "difficulty"),
         "by_lang": breakdown(rows, "lang"),
+        "failures": failures.counts(rows),  # wrong answers per failure class
         "generation_tokens_per_s": tokens_per_s,
     }

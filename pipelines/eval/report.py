@@ -1,9 +1,11 @@
 """The files of an evaluation report, written by the `evaluate` stage and by `sqlops eval`.
 
 - metrics (`metrics/eval.json`): the output contract in DESIGN.md, one `M` block per model;
-- predictions: one JSON line per example and model (question, gold, predicted, verdicts);
-- breakdown (CSV, DVC plots): `model, dimension, value, group, execution_accuracy, n` for the
-  whole set and every domain, difficulty and language; `dvc plots show` draws base vs tuned;
+- predictions: one JSON line per example and model (question, gold, predicted, verdicts, the
+  `failure` class of a wrong answer, the `dataset`: eval, selection or real_schema);
+- breakdown (CSV, DVC plots): `dataset, model, dimension, value, group, execution_accuracy, n`
+  and the wrong answers per failure class (`failures_<class>`) for the whole set and every
+  domain, difficulty and language of each dataset; `dvc plots show` draws base vs tuned;
 - disagreements (markdown): every example where the LLM judge and execution disagree, for a
   person to review (which of the two was wrong?).
 """
@@ -16,10 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.data.records import write_jsonl
+from pipelines.eval import failures
 from pipelines.eval.metrics import disagreements
 
 DIMENSIONS = {"by_domain": "domain", "by_difficulty": "difficulty", "by_lang": "lang"}
-BREAKDOWN_COLUMNS = ["model", "dimension", "value", "group", "execution_accuracy", "n"]
+EXTRA_SPLITS = ("selection", "real_schema")  # eval.json keys scored beside the reported split
+BREAKDOWN_COLUMNS = [
+    "dataset",
+    "model",
+    "dimension",
+    "value",
+    "group",
+    "execution_accuracy",
+    "n",
+    *(f"failures_{c}" for c in failures.CLASSES),
+]
 
 
 @dataclass(frozen=True)
@@ -45,26 +58,42 @@ def model_names(metrics: dict) -> list[str]:
     return [k for k, v in metrics.items() if isinstance(v, dict) and "execution_accuracy" in v]
 
 
-def breakdown_rows(metrics: dict) -> list[dict]:
-    """Long-format execution accuracy per model and group (DVC plots want one row per bar)."""
-    rows = []
-    for name in model_names(metrics):
-        m = metrics[name]
-        groups = [("overall", "all", m["execution_accuracy"], metrics["n_examples"])]
-        for key, dimension in DIMENSIONS.items():
-            groups += [(dimension, v, g["execution_accuracy"], g["n"]) for v, g in m[key].items()]
-        for dimension, value, accuracy, n in groups:
-            rows.append(
-                {
-                    "model": name,
-                    "dimension": dimension,
-                    "value": value,
-                    "group": f"{dimension}: {value}",
-                    "execution_accuracy": round(accuracy, 4),
-                    "n": n,
-                }
-            )
-    return rows
+def datasets(metrics: dict) -> list[tuple[str, dict]]:
+    """(name, block with the models' M blocks and `n_examples`) of every scored split: the
+    reported `eval` (the top level of eval.json), then `selection` and `real_schema`."""
+    return [("eval", metrics)] + [(k, metrics[k]) for k in EXTRA_SPLITS if metrics.get(k)]
+
+
+def breakdown_rows(metrics: dict, rows: list[dict]) -> list[dict]:
+    """Long-format execution accuracy and failure classes per dataset, model and group (DVC
+    plots want one row per bar); `rows`: the scored predictions the figures came from."""
+    out = []
+    for dataset, block in datasets(metrics):
+        for name in model_names(block):
+            m = block[name]
+            mine = [r for r in rows if r["model"] == name and r.get("dataset", "eval") == dataset]
+            groups = [("overall", "all", m["execution_accuracy"], block["n_examples"], mine)]
+            for key, dim in DIMENSIONS.items():
+                groups += [
+                    (dim, v, g["execution_accuracy"], g["n"], [r for r in mine if str(r[dim]) == v])
+                    for v, g in m[key].items()
+                ]
+            for dimension, value, accuracy, n, part in groups:
+                label = f"{dimension}: {value}"  # the reported split keeps its earlier names
+                found = failures.counts(part)
+                out.append(
+                    {
+                        "dataset": dataset,
+                        "model": name,
+                        "dimension": dimension,
+                        "value": value,
+                        "group": label if dataset == "eval" else f"{dataset} {label}",
+                        "execution_accuracy": round(accuracy, 4),
+                        "n": n,
+                        **{f"failures_{c}": found[c] for c in failures.CLASSES},
+                    }
+                )
+    return out
 
 
 def _cell(value: object, limit: int = 300) -> str:
@@ -75,7 +104,7 @@ def _cell(value: object, limit: int = 300) -> str:
 
 def disagreements_markdown(metrics: dict, rows: list[dict]) -> str:
     """A reviewable table of the examples where judge and execution disagree."""
-    found = disagreements(rows)
+    found = disagreements([r for r in rows if r.get("dataset", "eval") == "eval"])
     judge = metrics["judge"]
     lines = ["# Judge vs execution: disagreements", ""]
     if judge["status"] == "skipped":
@@ -127,5 +156,34 @@ def write_report(paths: ReportPaths, metrics: dict, rows: list[dict]) -> None:
     with paths.breakdown.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=BREAKDOWN_COLUMNS)
         writer.writeheader()
-        writer.writerows(breakdown_rows(metrics))
+        writer.writerows(breakdown_rows(metrics, rows))
     paths.disagreements.write_text(disagreements_markdown(metrics, rows), encoding="utf-8")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def real_schema_line(metrics: dict) -> str | None:
+    """The real-schema set's row of `sqlops summary` (None when it was not scored)."""
+    real = metrics.get("real_schema")
+    if not real:
+        return None
+    figures = ", ".join(
+        f"{name} {_pct(real[name]['execution_accuracy'])}" for name in model_names(real)
+    )
+    tuned = real.get("tuned") or {}
+    valid = f", valid SQL {_pct(tuned['valid_sql_rate'])}" if tuned else ""
+    return (
+        f"real-schema set ({', '.join(real['domains'])}; {real['n_examples']} examples): "
+        f"execution accuracy {figures}{valid}"
+    )
+
+
+def failure_lines(metrics: dict, model: str = "tuned") -> list[str]:
+    """One line per scored dataset: `model`'s wrong answers by failure class, most first."""
+    return [
+        f"{dataset}: {failures.summary_line(block[model]['failures'])}"
+        for dataset, block in datasets(metrics)
+        if "failures" in (block.get(model) or {})
+    ]

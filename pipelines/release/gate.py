@@ -10,6 +10,9 @@ against the current champion. Every check adds a reason; all must pass:
 - no domain loses more than `domain_tolerance` of execution accuracy;
 - the valid-SQL rate is at least `min_valid_sql_rate`;
 - judge accuracy, when both have one, is not worse by more than `judge_tolerance`;
+- on the real-schema set (metrics/eval.json `real_schema`, databases people built), execution
+  accuracy does not drop more than `real_schema_tolerance` below the reference's (reported
+  either way; not compared when the reference has no such figure);
 - on live traffic (shadow answers, `serving.shadow_share`), when both have at least
   `live_min_rows`, the challenger's execution-error rate is not above the champion's by more
   than `live_error_tolerance`.
@@ -82,10 +85,13 @@ def should_promote(
     paired: tuple[Sequence[bool], Sequence[bool]] | None = None,
     seed: int = 0,
     live: tuple[LiveErrors, LiveErrors] | None = None,
+    real_schema: tuple[dict | None, dict | None] | None = None,
 ) -> Decision:
     """`paired`: (challenger, reference) execution verdicts on the same examples, or None when
     they were not scored on the same examples (the bootstrap check is then skipped). `live`:
-    (challenger, champion) shadow answers on live traffic, or None when there are none."""
+    (challenger, champion) shadow answers on live traffic, or None when there are none.
+    `real_schema`: (challenger, reference) `M` blocks on the real-schema set, either None
+    where it was not scored."""
     ref, ref_name = (base, "base model") if champion is None else (champion, "champion")
     checks: list[tuple[bool, str]] = []
 
@@ -141,9 +147,29 @@ def should_promote(
                 f"(tolerance {cfg.judge_tolerance})",
             )
         )
+    checks.append(real_schema_check(*(real_schema or (None, None)), ref_name, cfg))
     if live is not None and champion is not None and (check := live_check(*live, cfg)):
         checks.append(check)
     return Decision(all(ok for ok, _ in checks), [r for _, r in checks])
+
+
+def real_schema_check(
+    challenger: dict | None, reference: dict | None, ref_name: str, cfg: RegistryConfig
+) -> tuple[bool, str]:
+    """The real-schema figure in the decision: a drop beyond `real_schema_tolerance` refuses;
+    without a figure on either side it is reported, not compared."""
+    if challenger is None:
+        return True, "real-schema set: not evaluated (data.real_schema empty)"
+    ex = challenger["execution_accuracy"]
+    if reference is None:
+        return True, f"real-schema set: execution accuracy {ex:.3f} ({ref_name}: no figure)"
+    ref_ex = reference["execution_accuracy"]
+    ok = ex >= ref_ex - cfg.real_schema_tolerance
+    return (
+        ok,
+        f"real-schema set: execution accuracy {ex:.3f} vs {ref_name} {ref_ex:.3f} "
+        f"({'within' if ok else 'drops beyond'} tolerance {cfg.real_schema_tolerance})",
+    )
 
 
 def promoted_version(release: dict, champion_before: int | None) -> int | None:

@@ -154,13 +154,15 @@ def version_metrics(client: MlflowClient, name: str, version: int) -> dict:
 
 
 def outcomes(predictions: Path) -> dict[str, dict[str, bool]]:
-    """Per-example execution verdicts by model ("base", "tuned") and example id: what the
-    paired test of the gate compares."""
+    """Per-example execution verdicts on the reported split by model ("base", "tuned") and
+    example id: what the paired test of the gate compares (not the selection or real-schema
+    rows the predictions also hold)."""
     out: dict[str, dict[str, bool]] = {}
     if not predictions.is_file():
         return out  # the gate then skips its paired test
     for row in read_jsonl(predictions):
-        out.setdefault(row["model"], {})[row["id"]] = bool(row["execution_match"])
+        if row.get("dataset", "eval") == "eval":
+            out.setdefault(row["model"], {})[row["id"]] = bool(row["execution_match"])
     return out
 
 
@@ -230,7 +232,8 @@ def release(p: Params) -> ReleaseResult:
     if champion == version:
         decision = Decision(False, [f"version {version} is already the champion"])
     else:
-        champion_m = version_metrics(client, name, champion)["tuned"] if champion else None
+        champion_all = version_metrics(client, name, champion) if champion else None
+        champion_m = champion_all["tuned"] if champion_all else None
         mine = version_outcomes(client, name, version) or {}
         if champion:
             reference = (version_outcomes(client, name, champion) or {}).get("tuned")
@@ -240,6 +243,10 @@ def release(p: Params) -> ReleaseResult:
         if champion:
             traffic, empty = live_traffic(p), LiveErrors(0, 0)
             live = tuple(traffic.get(f"{name}-v{v}", empty) for v in (version, champion))
+        # the real-schema figure vs the champion's, or the base model's for the first version
+        real = challenger.get("real_schema") or {}
+        ref_real = (champion_all.get("real_schema") or {}) if champion_all else real
+        ref_model = "tuned" if champion_all else "base"
         decision = should_promote(
             challenger["tuned"],
             champion_m,
@@ -248,6 +255,7 @@ def release(p: Params) -> ReleaseResult:
             paired_verdicts(mine.get("tuned", {}), reference),
             p.seed,
             live,
+            (real.get("tuned"), ref_real.get(ref_model)),
         )
         if decision.promote:
             set_champion(client, name, version)
