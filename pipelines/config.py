@@ -39,6 +39,8 @@ class Paths(_Block):
     monitoring: Path  # drift reports: <stamp>.html (Evidently) + <stamp>.json (DriftResult)
     feedback: Path  # verified feedback corrections: feedback.jsonl + databases/ (a data source)
     feedback_quarantine: Path  # feedback labels the export refused, each with the rules it broke
+    spider_train: Path  # Spider's training split in Spider layout (git-tracked; a data source)
+    real_schema: Path  # the real-schema benchmark (KaggleDBQA subset, in git): never trained on
     merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
     served_adapters: Path  # local copies of registered adapters, one immutable folder per version
     routing: Path  # which version the gateway serves; written by `sqlops deploy`
@@ -82,6 +84,9 @@ class SourceConfig(_Block):
     model_config = ConfigDict(extra="allow", frozen=True)
     type: Literal["synthetic", "jsonl", "spider", "feedback"]  # importer to use
     path: Path | None = None  # where the source lives (synthetic: paths.synthetic)
+    max_examples: int | None = None  # most examples it gives, a seeded sample (0: none; None: all)
+    synonyms: bool = False  # spider: each question's Spider-Syn phrasing as a second example
+    max_ddl_chars: int | None = None  # its prompts' schema budget (None: data.max_ddl_chars)
 
 
 class DataConfig(_Block):
@@ -92,6 +97,8 @@ class DataConfig(_Block):
     eval_fraction: float  # share of examples for eval (split: random)
     max_ddl_chars: int  # longer DDLs keep the tables most related to each question
     sample_values: int  # text columns with at most this many distinct values list them (0 = off)
+    real_schema: list[SourceConfig]  # benchmarks on real databases: real_schema.jsonl, scored by
+    # `evaluate` every run; their databases, questions and SQL never reach train
 
 
 class ValidateConfig(_Block):
@@ -191,6 +198,7 @@ class RegistryConfig(_Block):
     judge_tolerance: float  # largest judge-accuracy drop allowed (when judged)
     live_min_rows: int  # shadow answers per version the gate needs to read live traffic
     live_error_tolerance: float  # live execution-error rate the challenger may add (shadow)
+    real_schema_tolerance: float  # largest execution-accuracy drop allowed on the real-schema set
 
 
 class ServingConfig(_Block):

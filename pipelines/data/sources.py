@@ -21,7 +21,6 @@ A source is one entry of `data.sources` in params.yaml:
   the data contract unedited. `synonyms: true` adds each question's Spider-Syn phrasing
   (`question_synonyms`, where it differs) as a second example (source `spider-syn`).
 
-
 A record whose db_id breaks the one db_id rule (`records.valid_db_id`: it names a file) is
 dropped by name whatever the source, before any path is built from it.
 
