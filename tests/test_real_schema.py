@@ -109,3 +109,32 @@ def test_gate_reports_the_real_schema_set_and_refuses_a_regression(real, promote
     pair = None if real is None else tuple(None if x is None else _m(x) for x in real)
     d = should_promote(_m(0.6), _m(0.5), _m(0.1), cfg, real_schema=pair)
     assert d.promote is promote and any(says in r for r in d.reasons), d.reasons
+
+
+def test_summary_lines_show_the_real_schema_row_and_failure_classes() -> None:
+    from pipelines.eval.failures import CLASSES
+    from pipelines.eval.report import failure_lines, real_schema_line
+
+    def m(ex: float, **wrong: int) -> dict:
+        return {**_m(ex), "failures": {c: wrong.get(c, 0) for c in CLASSES}}
+
+    metrics = {
+        "n_examples": 120,
+        "base": m(0.0, not_executable=120),
+        "tuned": m(0.4, wrong_table=50, missing_condition=22),
+        "real_schema": {
+            "domains": ["GeoNuclearData", "StudentMathScore"],
+            "n_examples": 59,
+            "base": m(0.0),
+            "tuned": m(0.051, missing_condition=20, join_path=11, wrong_column=25),
+        },
+    }
+    assert real_schema_line(metrics) == (
+        "real-schema set (GeoNuclearData, StudentMathScore; 59 examples): execution accuracy "
+        "base 0.0%, tuned 5.1%, valid SQL 100.0%"
+    )
+    assert failure_lines(metrics) == [
+        "eval: wrong table 50, missing condition 22",
+        "real_schema: wrong column 25, missing condition 20, join path 11",
+    ]
+    assert real_schema_line({"n_examples": 1}) is None
