@@ -41,6 +41,9 @@ class Paths(_Block):
     feedback_quarantine: Path  # feedback labels the export refused, each with the rules it broke
     spider_train: Path  # Spider's training split in Spider layout (git-tracked; a data source)
     real_schema: Path  # the real-schema benchmark (KaggleDBQA subset, in git): never trained on
+    teacher: Path  # verified teacher labels of doubtful traffic: teacher.jsonl + databases/
+    teacher_report: Path  # the last labelling run: picked, accepted, quarantined (and why), cost
+    teacher_cache: Path  # SQLite cache of the teacher's samples (kept across runs, never re-paid)
     merged_models: Path  # LoRA adapters merged into the base weights, one folder per pair
     served_adapters: Path  # local copies of registered adapters, one immutable folder per version
     routing: Path  # which version the gateway serves; written by `sqlops deploy`
@@ -82,11 +85,25 @@ class SynthConfig(_Block):
 
 class SourceConfig(_Block):
     model_config = ConfigDict(extra="allow", frozen=True)
-    type: Literal["synthetic", "jsonl", "spider", "feedback"]  # importer to use
+    type: Literal["synthetic", "jsonl", "spider", "feedback", "teacher"]  # importer to use
     path: Path | None = None  # where the source lives (synthetic: paths.synthetic)
     max_examples: int | None = None  # most examples it gives, a seeded sample (0: none; None: all)
     synonyms: bool = False  # spider: each question's Spider-Syn phrasing as a second example
     max_ddl_chars: int | None = None  # its prompts' schema budget (None: data.max_ddl_chars)
+
+
+class ValueLinksConfig(_Block):
+    enabled: bool  # question words matched to stored values, listed after the DDL
+    scan_rows: int  # rows of a column read for its values (the first ones)
+    max_values_per_column: int  # its most frequent distinct values kept in the index
+    max_values: int  # values indexed per database in all (memory bound)
+    max_value_chars: int  # longer values (free text) are not indexed
+    max_value_words: int  # values with more words are not indexed (nor columns of such text)
+    max_build_s: float  # a database's index stops growing after this many seconds
+    cache_databases: int  # indexes kept in memory (least recently used dropped)
+    fuzzy: float  # difflib ratio from which two words count as a typo of each other
+    max_links: int  # links listed per question
+    max_per_column: int  # links listed per column
 
 
 class DataConfig(_Block):
@@ -97,6 +114,8 @@ class DataConfig(_Block):
     eval_fraction: float  # share of examples for eval (split: random)
     max_ddl_chars: int  # longer DDLs keep the tables most related to each question
     sample_values: int  # text columns with at most this many distinct values list them (0 = off)
+    inferred_joins: bool  # join keys a database does not declare, as DDL lines (schema_fit)
+    value_links: ValueLinksConfig  # values the question names, as lines after the DDL
     real_schema: list[SourceConfig]  # benchmarks on real databases: real_schema.jsonl, scored by
     # `evaluate` every run; their databases, questions and SQL never reach train
 
@@ -142,16 +161,36 @@ class TrainConfig(_Block):
     quantization: Literal["none", "4bit"]  # 4bit: QLoRA, NF4 base weights (bitsandbytes + CUDA)
 
 
-class JudgeConfig(_Block):
-    model: str  # judge model name at the OpenAI-compatible endpoint
-    max_concurrency: int  # parallel judge requests
-    max_retries: int  # attempts per example before `judge_error`
+class ChatEndpointConfig(_Block):
+    """An OpenAI-compatible chat endpoint (URL and key from the environment): judge, teacher."""
+
+    model: str  # model name at the OpenAI-compatible endpoint
+    max_concurrency: int  # parallel requests
+    max_retries: int  # attempts per request before it counts as failed
     timeout_s: float  # per-request timeout
     rpm_limit: int | None  # requests per minute (None = no limit)
     tpm_limit: int | None  # tokens per minute (None = no limit)
     price_per_1k_in: float  # USD per 1k prompt tokens, for cost accounting
     price_per_1k_out: float  # USD per 1k completion tokens
+
+
+class JudgeConfig(ChatEndpointConfig):
     only_execution_failures: bool  # judge only what execution marks wrong (cheaper; no kappa)
+
+
+class TeacherConfig(ChatEndpointConfig):
+    endpoint: Literal["auto", "api", "local"]  # auto: the API when OPENAI_API_KEY or
+    # OPENAI_BASE_URL is set, else local (the served champion on vLLM: more samples, grammar)
+    samples: int  # answers per question from the API teacher (k)
+    local_samples: int  # answers per question from the local teacher (greedy + sampled)
+    temperature: float  # sampling temperature of the answers
+    max_tokens: int  # completion tokens per answer
+    min_agreement: float  # share of the k answers whose result must equal the label's
+    empty_agreement: float  # an empty result is a label only when this share of answers agree
+    max_labels: int  # questions sent to the teacher per run (oldest doubtful first)
+    max_cost_usd: float  # spend per run (teacher + judge); no request that could pass it is sent
+    pick_oov_rate: float  # picked: a question with a higher unknown-word rate (drift's OOV)
+    judge: bool  # also ask the judge (evaluate.judge, when an endpoint is set) to accept each label
 
 
 class BackendSpeed(_Block):
@@ -209,6 +248,8 @@ class ServingConfig(_Block):
     max_question_chars: int  # longer questions get a 400
     max_ddl_chars: int  # the prompt's schema is fitted to this (data.max_ddl_chars, as trained)
     sample_values: int  # the prompt's DDL lists column values as trained (data.sample_values)
+    inferred_joins: bool  # the prompt lists inferred join keys as trained (data.inferred_joins)
+    value_links: ValueLinksConfig  # the prompt lists linked values as trained (data.value_links)
     max_new_tokens: int  # generation budget per request
     request_timeout_s: float  # per vLLM call; past it the gateway answers 503
     sql_timeout_s: float  # execution time limit per query
@@ -311,6 +352,7 @@ class Params(_Block):
     guardrails: GuardrailsConfig
     monitoring: MonitoringConfig
     demo: DemoConfig
+    teacher: TeacherConfig
     vllm: VLLMConfig
     mlflow: MlflowConfig
 

@@ -26,7 +26,7 @@ from pipelines.config import DataConfig, Params, SourceConfig
 from pipelines.data import sources
 from pipelines.data.prepare import install_databases
 from pipelines.data.records import sample_records
-from pipelines.data.schema_fit import fit_schema
+from pipelines.data.schema_fit import prompt_ddl
 from pipelines.db_schema import ddl_of
 from pipelines.eval.evaluate import (
     ModelLoader,
@@ -67,7 +67,14 @@ def load_dataset(
     for r in records:
         if r["db_id"] not in ddl:
             ddl[r["db_id"]] = ddl_of(db_dir / f"{r['db_id']}.sqlite", data.sample_values)
-        r["ddl"] = fit_schema(r["ddl"] or ddl[r["db_id"]], r["question"], data.max_ddl_chars)
+        r["ddl"] = prompt_ddl(
+            r["ddl"] or ddl[r["db_id"]],
+            r["question"],
+            data.max_ddl_chars,
+            db_dir / f"{r['db_id']}.sqlite",
+            inferred=data.inferred_joins,
+            value_links=data.value_links,
+        )
     return records
 
 

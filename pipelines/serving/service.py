@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.config import DecodingConfig, Params, ServingConfig
 from pipelines.data.records import valid_db_id
-from pipelines.data.schema_fit import fit_schema
+from pipelines.data.schema_fit import prompt_ddl
 from pipelines.db_schema import ddl_of
 from pipelines.model.decoding import GREEDY, choose, engine_requests, grammar_for
 from pipelines.model.prompt import build_prompt
@@ -270,7 +270,15 @@ class Text2SQL:
             db_path = self.databases / f"{db_id}.sqlite"
             try:
                 tok = await self.tokenizer(route)
-                schema = fit_schema(ddl, question, self.cfg.max_ddl_chars)
+                schema = await run_in_threadpool(  # a value index may be built first
+                    prompt_ddl,
+                    ddl,
+                    question,
+                    self.cfg.max_ddl_chars,
+                    db_path,
+                    inferred=self.cfg.inferred_joins,
+                    value_links=self.cfg.value_links,
+                )
                 prompt = build_prompt(schema, question, tok)
                 ids = tok(prompt, add_special_tokens=False).input_ids
                 grammar = grammar_for(db_path, self.decoding)
@@ -290,6 +298,9 @@ class Text2SQL:
             sql = choice.sql
             chosen = {"candidates": choice.n_candidates, "candidates_executed": choice.n_executed}
             chosen["fallback"] = choice.fallback  # several candidates, none ran: best-scoring
+            row["fallback"] = choice.fallback  # the log keeps the decoding's doubts (teacher)
+            if choice.n_agree is not None:
+                row["agreement"] = choice.n_agree / choice.n_candidates
             if choice.fallback:
                 log.warning(
                     "no candidate of %d executed for %s: answering the best-scoring one",
