@@ -148,7 +148,7 @@ class Screen:
 
     refusal: str | None = None  # why it is refused (422 off_topic)
     kind: str | None = None  # "injection" | "off_topic"
-    relevance: float | None = None  # best cosine against the database's profile
+    relevance: float | None = None  # profile cosine minus background cosine (`relevance`)
     hit: Hit | None = None  # a verified semantic-cache hit
     miss_reason: str | None = None  # why the nearest cached question did not count
     entry: Entry | None = None  # what to cache once the answer is known good
@@ -156,6 +156,8 @@ class Screen:
 
 
 class Guardrails:
+    """Masking, refusals and the semantic cache's keys for one gateway (thread-safe)."""
+
     def __init__(
         self,
         cfg: GuardrailsConfig,
@@ -169,9 +171,8 @@ class Guardrails:
         self.samples = sample_questions or {}
         self.kinds = tuple(k for k in pii.KINDS if getattr(cfg.pii, k))
         self._profiles: dict[tuple[str, str], Profile] = {}
-        self._schema_anchors: dict[
-            Path, tuple[tuple, np.ndarray]
-        ] = {}  # file → (identity, anchors)
+        # database file → (its identity when read, its embedded schema texts)
+        self._schema_anchors: dict[Path, tuple[tuple, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._champion: str | None = None
 
