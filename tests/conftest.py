@@ -179,6 +179,30 @@ def _fixture_tokenizer():
     )
 
 
+def _tiny_sizes(tok) -> dict:
+    """A 2-layer decoder's sizes and the tokenizer's special ids (every tiny base model)."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+
+
+def _save_tiny(out: Path, model, tok, model_id: str, hash_digit: str) -> Path:
+    """Weights, tokenizer and base_info.json, as the `base_model` stage saves them."""
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    info = {"id": model_id, "source": "test", "weights_sha256": hash_digit * 64}
+    (out / "base_info.json").write_text(json.dumps(info))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer (a fixture-trained one where the
@@ -193,25 +217,8 @@ def tiny_base_dir(tmp_path_factory) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except FileNotFoundError:
         tok = _fixture_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "base_info.json").write_text(
-        json.dumps({"id": "tiny-llama", "source": "test", "weights_sha256": "0" * 64})
-    )
-    return out
+    config = LlamaConfig(**_tiny_sizes(tok), num_key_value_heads=2, tie_word_embeddings=True)
+    return _save_tiny(out, LlamaForCausalLM(config), tok, "tiny-llama", "0")
 
 
 @pytest.fixture(scope="session")
@@ -223,26 +230,13 @@ def tiny_gemma_dir(tmp_path_factory, tiny_base_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_gemma")
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     config = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **_tiny_sizes(tok),
         num_key_value_heads=1,
         head_dim=16,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
     )
-    Gemma3ForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "base_info.json").write_text(
-        json.dumps({"id": "tiny-gemma3", "source": "test", "weights_sha256": "1" * 64})
-    )
-    return out
+    return _save_tiny(out, Gemma3ForCausalLM(config), tok, "tiny-gemma3", "1")
 
 
 CHAT_TEMPLATE = (

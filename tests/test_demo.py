@@ -4,6 +4,7 @@ and exported as verified feedback."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -48,6 +49,25 @@ def test_fresh_questions_are_new_executable_and_seeded(tmp_path: Path):
     assert all(execute(databases / "game.sqlite", r["sql"], 2.0).ok for r in fresh)
 
 
+@contextlib.contextmanager
+def served_gateway(tmp_path: Path, databases: Path, base_dir: Path, answers: dict, ilog):
+    """The gateway on loopback in front of a stand-in vLLM that answers `answers` as
+    text2sql-v1, logging to `ilog`."""
+    cfg = load_params().serving.model_copy(update={"request_timeout_s": 5.0})
+    routing = tmp_path / "routing.json"
+    write_route(routing, Route("text2sql-v1", 1))
+    with FakeVLLM(answers) as vllm:
+        vllm.adapters["text2sql-v1"] = "/adapters/v1"
+        service = Text2SQL(
+            cfg,
+            databases,
+            AutoTokenizer.from_pretrained(base_dir),
+            VLLMCompletions(vllm.base_url, cfg.request_timeout_s, cfg.max_new_tokens),
+        )
+        with LoopbackServer(create_app(service, ilog, RouteWatcher(routing))) as gateway:
+            yield gateway
+
+
 def test_traffic_and_corrections_through_the_gateway(tmp_path: Path, tiny_base_dir: Path):
     databases, known = game_db(tmp_path)
     questions = simulate.fresh_questions(["game"], 12, SYNTH, SEED, SEED + 1, databases, known)
@@ -56,21 +76,10 @@ def test_traffic_and_corrections_through_the_gateway(tmp_path: Path, tiny_base_d
         q["question"]: q["sql"] if i % 2 else "SELECT * FROM no_such_table"
         for i, q in enumerate(questions)
     }
-    cfg = load_params().serving.model_copy(update={"request_timeout_s": 5.0})
     ilog = InferenceLog(f"sqlite:///{tmp_path}/inference.db")
-    routing = tmp_path / "routing.json"
-    write_route(routing, Route("text2sql-v1", 1))
-    with FakeVLLM(answers) as vllm:
-        vllm.adapters["text2sql-v1"] = "/adapters/v1"
-        service = Text2SQL(
-            cfg,
-            databases,
-            AutoTokenizer.from_pretrained(tiny_base_dir),
-            VLLMCompletions(vllm.base_url, cfg.request_timeout_s, cfg.max_new_tokens),
-        )
-        with LoopbackServer(create_app(service, ilog, RouteWatcher(routing))) as gateway:
-            answered = simulate.ask(gateway.url, questions, concurrency=3)
-            recorded = simulate.give_feedback(gateway.url, answered, 0.5, SEED)
+    with served_gateway(tmp_path, databases, tiny_base_dir, answers, ilog) as gateway:
+        answered = simulate.ask(gateway.url, questions, concurrency=3)
+        recorded = simulate.give_feedback(gateway.url, answered, 0.5, SEED)
 
     assert [a["question"] for a in answered] == [q["question"] for q in questions]
     statuses = [a["response"]["status"] for a in answered]
@@ -100,20 +109,10 @@ def test_teacher_labels_of_demo_traffic_are_checked_against_the_gold_sql(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     databases, known = game_db(tmp_path)
     questions = simulate.fresh_questions(["game"], 9, SYNTH, SEED, SEED + 1, databases, known)
-    cfg = load_params().serving.model_copy(update={"request_timeout_s": 5.0})
     ilog = InferenceLog(f"sqlite:///{tmp_path}/inference.db")
-    routing = tmp_path / "routing.json"
-    write_route(routing, Route("text2sql-v1", 1))
-    with FakeVLLM({q["question"]: "SELECT * FROM no_such_table" for q in questions}) as vllm:
-        vllm.adapters["text2sql-v1"] = "/adapters/v1"
-        service = Text2SQL(
-            cfg,
-            databases,
-            AutoTokenizer.from_pretrained(tiny_base_dir),
-            VLLMCompletions(vllm.base_url, cfg.request_timeout_s, cfg.max_new_tokens),
-        )
-        with LoopbackServer(create_app(service, ilog, RouteWatcher(routing))) as gateway:
-            answered = simulate.ask(gateway.url, questions, concurrency=3)
+    wrong = {q["question"]: "SELECT * FROM no_such_table" for q in questions}
+    with served_gateway(tmp_path, databases, tiny_base_dir, wrong, ilog) as gateway:
+        answered = simulate.ask(gateway.url, questions, concurrency=3)
     spread = [
         "SELECT COUNT(*) FROM players",
         "SELECT MAX(level) FROM players",
