@@ -27,7 +27,6 @@ def test_prompt_uses_the_chat_template(tiny_base_dir):
     assert build_completion("SELECT 1;", tok) == "SELECT 1;" + tok.eos_token
 
 
-
 def test_prompt_without_a_chat_template_starts_with_the_bos_token():
     """A pretrained model (Gemma 3) reads its prompt after BOS; tokenization adds no special
     tokens anywhere, so the prompt text carries it, and it tokenizes to the BOS id."""
@@ -38,6 +37,7 @@ def test_prompt_without_a_chat_template_starts_with_the_bos_token():
     p = build_prompt("CREATE TABLE t (a INT);", "How many rows?", tok)
     assert p.startswith(tok.bos_token + INSTRUCTION)
     assert tok(p, add_special_tokens=False).input_ids[0] == tok.bos_token_id
+
 
 M = {"execution_accuracy": 0.5}
 
