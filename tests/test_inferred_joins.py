@@ -1,5 +1,5 @@
 """Joins where a database declares no foreign keys: keys inferred from key-like names, naming
-conventions, value overlap and lookup columns (db_schema.inferred_joins), allowed by the
+conventions, value overlap and lookup columns (pipelines/inferred_joins.py), allowed by the
 schema grammar, kept as paths by the schema filter and listed in the prompt's DDL; attribute
 columns that merely share a name (`year`, `name`) are never a join."""
 
@@ -11,7 +11,8 @@ import pytest
 
 from pipelines.config import load_params
 from pipelines.data.schema_fit import fit_schema, prompt_ddl, split_ddl
-from pipelines.db_schema import ddl_of, inferred_joins, key_parts
+from pipelines.db_schema import ddl_of
+from pipelines.inferred_joins import inferred_joins, key_parts
 from pipelines.model.grammar import read_schema, schema_grammar
 from tests.conftest import make_db
 from tests.test_decoding import matcher

@@ -15,6 +15,7 @@ LAYERS = [
         "sql",
         "sql_worker",
         "db_schema",
+        "inferred_joins",
         "lineage",
         "tracking",
         "vllm_runtime",

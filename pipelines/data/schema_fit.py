@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pipelines.config import ValueLinksConfig
 from pipelines.data.value_links import MATCH_PREFIX, link_values
-from pipelines.db_schema import JOIN_PREFIX, inferred_joins
+from pipelines.inferred_joins import JOIN_PREFIX, inferred_joins
 
 _TABLE = re.compile(r'CREATE TABLE\s+"?(\w+)"?\s*\((.*)\)\s*;?\s*$', re.IGNORECASE | re.DOTALL)
 _REF = re.compile(r'REFERENCES\s+"?(\w+)"?', re.IGNORECASE)

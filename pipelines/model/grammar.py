@@ -10,7 +10,7 @@ so the grammar enumerates the FROM clauses a query can have instead, one *scope*
   it (`FROM a AS x JOIN b AS y ON x.k = y.k`): the ON condition is one of the foreign keys
   between the joined table and an earlier one, never any two columns (`ON m.played_at =
   p.player_id` cannot be written); columns only `alias.column` with the alias of the table
-  that has the column. Where a pair of tables declares no key, the keys `db_schema.
+  that has the column. Where a pair of tables declares no key, the keys `pipelines.
   inferred_joins` finds (same key-like names, `x_id` conventions, value overlap) count as
   foreign keys, the ones the prompt's DDL lists as `-- join (inferred): ...`; two columns
   that merely share a name (`name`, `year`) are never an ON condition. Aliases are derived
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import DecodingConfig
-from pipelines.db_schema import inferred_joins
+from pipelines.inferred_joins import inferred_joins
 from pipelines.sql import connect_readonly
 
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
