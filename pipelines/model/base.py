@@ -30,7 +30,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.config import BaseModelConfig, load_params, setup_entry_point
-from pipelines.lineage import content_hash
+from pipelines.model.base_store import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,12 @@ def run(cfg: BaseModelConfig, out_dir: Path) -> dict:
         out_dir.mkdir(parents=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
-    weights = sorted(out_dir.glob("*.safetensors"))
     info = {
         "id": model_id,
         "source": cfg.source,
         "licence": entry.licence if entry else "see the model's own card",
         "licence_files": _copy_licence(entry, out_dir),
-        "weights_sha256": content_hash(weights[0]) if len(weights) == 1 else content_hash(out_dir),
+        "weights_sha256": weights_sha256(out_dir),  # the hash the base store checks
         "parameters": sum(p.numel() for p in model.parameters()),
         "has_chat_template": bool(getattr(tok, "chat_template", None)),
     }
