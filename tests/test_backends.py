@@ -179,7 +179,10 @@ def test_a_failing_vllm_falls_back_to_transformers(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(VLLMRuntime.of(P).problem() is not None, reason="needs make serve-setup")
+@pytest.mark.skipif(
+    VLLMRuntime.of(P).problem() is not None or not (P.path("base_model") / "tokenizer.json").is_file(),
+    reason="needs make serve-setup and models/base (its tokenizer)",
+)
 def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     """vllm_offline.py in .venv-vllm on a tiny Llama with a merged adapter (head size 64, which
     vLLM's CPU attention supports)."""
