@@ -25,6 +25,12 @@ needs_real_vllm = pytest.mark.skipif(
     or not (_P.path("prepared") / "eval.jsonl").is_file(),
     reason="needs make serve-setup, models/base and data/prepared",
 )
+# Tests that run vLLM on a tiny model built with the base model's tokenizer.
+needs_vllm_and_base_tokenizer = pytest.mark.skipif(
+    VLLMRuntime.of(_P).problem() is not None
+    or not (_P.path("base_model") / "tokenizer.json").is_file(),
+    reason="needs make serve-setup and models/base (its tokenizer)",
+)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from pipelines.model.merge import INFO_FILE, merged_model_dir
 from pipelines.model.prompt import build_prompt
 from pipelines.sql import extract_sql
 from pipelines.vllm_runtime import VLLMRuntime
+from tests.real_vllm import needs_vllm_and_base_tokenizer
 
 P = load_params()
 CFG = P.evaluate.model_copy(update={"max_new_tokens": 8, "batch_size": 4})
@@ -179,10 +180,7 @@ def test_a_failing_vllm_falls_back_to_transformers(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    VLLMRuntime.of(P).problem() is not None or not (P.path("base_model") / "tokenizer.json").is_file(),
-    reason="needs make serve-setup and models/base (its tokenizer)",
-)
+@needs_vllm_and_base_tokenizer
 def test_real_vllm_generates_from_a_merged_tiny_model(tmp_path, prepared_dir):
     """vllm_offline.py in .venv-vllm on a tiny Llama with a merged adapter (head size 64, which
     vLLM's CPU attention supports)."""

@@ -23,14 +23,14 @@ from pipelines.serving.backend import VLLMCompletions
 from pipelines.serving.routing import Route
 from pipelines.serving.service import Text2SQL
 from pipelines.vllm_runtime import VLLMRuntime
-from tests.real_vllm import running_vllm
+from tests.real_vllm import needs_vllm_and_base_tokenizer, running_vllm
 from tests.test_backends import make_adapter, tiny_llama
 from tests.test_serving_vllm import free_port
 
 P = load_params().replace(serving={"merged": False})  # runtime LoRA is under test
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(VLLMRuntime.of(P).problem() is not None, reason="needs make serve-setup"),
+    needs_vllm_and_base_tokenizer,
 ]
 
 
